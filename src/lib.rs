@@ -1,0 +1,19 @@
+//! plr-engine: a training engine for PLR-OSNet person re-identification.
+//!
+//! Layers of the crate, bottom up: `tensor` (shape, dtype, device buffer), `ops` (forward and
+//! backward of every op, CPU reference and CUDA), `tape` (autograd), `params` (named parameters
+//! with PyTorch's state-dict keys).
+
+pub mod cuda;
+pub mod error;
+pub mod ops;
+pub mod params;
+pub mod rng;
+pub mod tape;
+pub mod tensor;
+pub mod testing;
+
+pub use error::{Error, Result};
+pub use params::{ParamId, ParamStore};
+pub use tape::{Grads, Tape, Var};
+pub use tensor::{DType, Device, Tensor};

@@ -1,0 +1,99 @@
+//! Batch normalisation over channel axis 1, for [N, C] (BatchNorm1d) and [N, C, H, W] (BatchNorm2d)
+//! inputs, as PyTorch defines it: training normalises with the biased batch variance and updates the
+//! running variance with the unbiased one.
+
+mod cpu;
+mod cuda;
+
+use crate::error::Result;
+use crate::tensor::{Device, Tensor};
+
+pub const BN_EPS: f32 = 1e-5;
+pub const BN_MOMENTUM: f32 = 0.1;
+
+/// Per-channel statistics of one training batch, each of shape [C].
+#[derive(Clone, Debug)]
+pub struct BnBatchStats {
+    pub mean: Tensor,
+    /// 1 / sqrt(biased variance + eps).
+    pub invstd: Tensor,
+    /// Unbiased variance (divided by count - 1), what the running variance tracks.
+    pub var_unbiased: Tensor,
+}
+
+/// (N, C, spatial size) of a BatchNorm input, checking gamma/beta (and any further [C] tensors).
+fn bn_dims(op: &'static str, x: &Tensor, per_channel: &[&Tensor]) -> Result<(usize, usize, usize)> {
+    let s = x.shape();
+    crate::ensure_shape!(s.len() == 2 || s.len() == 4, op, "expected [N, C] or [N, C, H, W], got {s:?}");
+    let (n, c) = (s[0], s[1]);
+    let hw: usize = s[2..].iter().product();
+    for t in per_channel {
+        crate::ensure_shape!(t.shape() == [c], op, "per-channel tensor of shape {:?} for input {s:?} with {c} channels", t.shape());
+    }
+    Ok((n, c, hw))
+}
+
+pub fn batchnorm_forward_train(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<(Tensor, BnBatchStats)> {
+    const OP: &str = "batchnorm_forward_train";
+    let dev = x.check_same(OP, &[gamma, beta])?;
+    let (n, c, hw) = bn_dims(OP, x, &[gamma, beta])?;
+    crate::ensure_shape!(n * hw > 1, OP, "training needs more than one value per channel, got input {:?}", x.shape());
+    match dev {
+        Device::Cpu => cpu::batchnorm_forward_train(x, gamma, beta, eps, (n, c, hw)),
+        Device::Cuda => cuda::batchnorm_forward_train(x, gamma, beta, eps, (n, c, hw)),
+    }
+}
+
+/// Returns (dx, dgamma, dbeta).
+pub fn batchnorm_backward_train(dy: &Tensor, x: &Tensor, gamma: &Tensor, stats: &BnBatchStats) -> Result<(Tensor, Tensor, Tensor)> {
+    const OP: &str = "batchnorm_backward_train";
+    let dev = x.check_same(OP, &[dy, gamma, &stats.mean, &stats.invstd])?;
+    let dims = bn_dims(OP, x, &[gamma, &stats.mean, &stats.invstd])?;
+    crate::ensure_shape!(dy.shape() == x.shape(), OP, "dy {:?} != x {:?}", dy.shape(), x.shape());
+    match dev {
+        Device::Cpu => cpu::batchnorm_backward_train(dy, x, gamma, stats, dims),
+        Device::Cuda => cuda::batchnorm_backward_train(dy, x, gamma, stats, dims),
+    }
+}
+
+pub fn batchnorm_forward_eval(x: &Tensor, gamma: &Tensor, beta: &Tensor, running_mean: &Tensor, running_var: &Tensor, eps: f32) -> Result<Tensor> {
+    const OP: &str = "batchnorm_forward_eval";
+    let dev = x.check_same(OP, &[gamma, beta, running_mean, running_var])?;
+    let dims = bn_dims(OP, x, &[gamma, beta, running_mean, running_var])?;
+    match dev {
+        Device::Cpu => cpu::batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, eps, dims),
+        Device::Cuda => cuda::batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, eps, dims),
+    }
+}
+
+/// Returns (dx, dgamma, dbeta) of the eval-mode (fixed statistics) normalisation.
+pub fn batchnorm_backward_eval(dy: &Tensor, x: &Tensor, gamma: &Tensor, running_mean: &Tensor, running_var: &Tensor, eps: f32) -> Result<(Tensor, Tensor, Tensor)> {
+    const OP: &str = "batchnorm_backward_eval";
+    let dev = x.check_same(OP, &[dy, gamma, running_mean, running_var])?;
+    let dims = bn_dims(OP, x, &[gamma, running_mean, running_var])?;
+    crate::ensure_shape!(dy.shape() == x.shape(), OP, "dy {:?} != x {:?}", dy.shape(), x.shape());
+    match dev {
+        Device::Cpu => cpu::batchnorm_backward_eval(dy, x, gamma, running_mean, running_var, eps, dims),
+        Device::Cuda => cuda::batchnorm_backward_eval(dy, x, gamma, running_mean, running_var, eps, dims),
+    }
+}
+
+/// running <- (1 - momentum) * running + momentum * batch, for the mean and the unbiased variance.
+pub fn batchnorm_update_running(running_mean: &mut Tensor, running_var: &mut Tensor, stats: &BnBatchStats, momentum: f32) -> Result<()> {
+    const OP: &str = "batchnorm_update_running";
+    let dev = running_mean.check_same(OP, &[running_var, &stats.mean, &stats.var_unbiased])?;
+    crate::ensure_shape!(
+        running_mean.shape() == stats.mean.shape() && running_var.shape() == stats.var_unbiased.shape(),
+        OP,
+        "running statistics {:?} do not match batch statistics {:?}",
+        running_mean.shape(),
+        stats.mean.shape()
+    );
+    match dev {
+        Device::Cpu => cpu::batchnorm_update_running(running_mean, running_var, stats, momentum),
+        Device::Cuda => cuda::batchnorm_update_running(running_mean, running_var, stats, momentum),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,267 @@
+//! Tensors: a shape, an element type and a device-resident buffer shared by reference counting.
+//!
+//! Layout is always dense row-major (NCHW for images). Cloning a tensor is cheap (it shares the
+//! buffer); writing through `storage_mut` copies first if the buffer is shared.
+
+use std::sync::Arc;
+
+use crate::cuda::CudaBuffer;
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+
+/// Element type of a tensor's storage. Every tensor is f32 today; bf16 activations come with the
+/// mixed-precision path, and ops already check the dtype they are given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    BF16,
+}
+
+impl DType {
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::BF16 => 2,
+        }
+    }
+}
+
+/// Where a tensor lives and where the ops on it run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+impl std::fmt::Display for Device {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        })
+    }
+}
+
+pub enum Storage {
+    Cpu(Vec<f32>),
+    Cuda(CudaBuffer),
+}
+
+impl Storage {
+    fn device(&self) -> Device {
+        match self {
+            Storage::Cpu(_) => Device::Cpu,
+            Storage::Cuda(_) => Device::Cuda,
+        }
+    }
+
+    fn try_clone(&self) -> Result<Storage> {
+        Ok(match self {
+            Storage::Cpu(v) => Storage::Cpu(v.clone()),
+            Storage::Cuda(b) => Storage::Cuda(b.try_clone()?),
+        })
+    }
+}
+
+#[derive(Clone)]
+pub struct Tensor {
+    shape: Vec<usize>,
+    dtype: DType,
+    storage: Arc<Storage>,
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor({:?}, {:?}, {})", self.shape, self.dtype, self.device())
+    }
+}
+
+pub fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
+
+impl Tensor {
+    /// A CPU tensor holding `data` with the given shape.
+    pub fn from_vec(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+        if data.len() != numel(shape) {
+            return Err(Error::shape(
+                "Tensor::from_vec",
+                format!("{} values do not fill shape {:?}", data.len(), shape),
+            ));
+        }
+        Ok(Tensor { shape: shape.to_vec(), dtype: DType::F32, storage: Arc::new(Storage::Cpu(data)) })
+    }
+
+    /// Wraps an existing storage; the caller guarantees the length matches the shape.
+    pub(crate) fn from_storage(storage: Storage, shape: &[usize]) -> Tensor {
+        Tensor { shape: shape.to_vec(), dtype: DType::F32, storage: Arc::new(storage) }
+    }
+
+    pub fn zeros(shape: &[usize], device: Device) -> Result<Tensor> {
+        Tensor::full(shape, 0.0, device)
+    }
+
+    pub fn ones(shape: &[usize], device: Device) -> Result<Tensor> {
+        Tensor::full(shape, 1.0, device)
+    }
+
+    pub fn full(shape: &[usize], value: f32, device: Device) -> Result<Tensor> {
+        Tensor::from_vec(vec![value; numel(shape)], shape)?.to_device(device)
+    }
+
+    /// A one-element tensor of shape [1].
+    pub fn scalar(value: f32, device: Device) -> Result<Tensor> {
+        Tensor::full(&[1], value, device)
+    }
+
+    /// Normal(0, std) values on the CPU.
+    pub fn randn(shape: &[usize], std: f32, rng: &mut Rng) -> Tensor {
+        let data = (0..numel(shape)).map(|_| rng.normal() as f32 * std).collect();
+        Tensor { shape: shape.to_vec(), dtype: DType::F32, storage: Arc::new(Storage::Cpu(data)) }
+    }
+
+    /// Uniform [lo, hi) values on the CPU.
+    pub fn rand_uniform(shape: &[usize], lo: f32, hi: f32, rng: &mut Rng) -> Tensor {
+        let data = (0..numel(shape)).map(|_| rng.uniform_range(lo as f64, hi as f64) as f32).collect();
+        Tensor { shape: shape.to_vec(), dtype: DType::F32, storage: Arc::new(Storage::Cpu(data)) }
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    pub fn numel(&self) -> usize {
+        numel(&self.shape)
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> Device {
+        self.storage.device()
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    /// Mutable access to the buffer, copying it first if another tensor shares it.
+    pub fn storage_mut(&mut self) -> Result<&mut Storage> {
+        if Arc::get_mut(&mut self.storage).is_none() {
+            self.storage = Arc::new(self.storage.try_clone()?);
+        }
+        Ok(Arc::get_mut(&mut self.storage).expect("storage was just made unique"))
+    }
+
+    /// Whether two tensors share one buffer.
+    pub fn same_storage(&self, other: &Tensor) -> bool {
+        Arc::ptr_eq(&self.storage, &other.storage)
+    }
+
+    /// The values of a CPU tensor, or an error naming `op` if it lives elsewhere.
+    pub fn cpu_slice(&self) -> Result<&[f32]> {
+        match &*self.storage {
+            Storage::Cpu(v) => Ok(v),
+            Storage::Cuda(_) => Err(Error::msg("cpu_slice: tensor lives on the GPU; copy it with to_device(Cpu)")),
+        }
+    }
+
+    /// Mutable values of a CPU tensor (copy-on-write).
+    pub fn cpu_slice_mut(&mut self) -> Result<&mut [f32]> {
+        match self.storage_mut()? {
+            Storage::Cpu(v) => Ok(v),
+            Storage::Cuda(_) => Err(Error::msg("cpu_slice_mut: tensor lives on the GPU")),
+        }
+    }
+
+    /// The values, copied to the host.
+    pub fn to_vec(&self) -> Result<Vec<f32>> {
+        match &*self.storage {
+            Storage::Cpu(v) => Ok(v.clone()),
+            Storage::Cuda(b) => b.to_host(),
+        }
+    }
+
+    /// The single value of a one-element tensor.
+    pub fn item(&self) -> Result<f32> {
+        if self.numel() != 1 {
+            return Err(Error::shape("item", format!("tensor of shape {:?} is not a scalar", self.shape)));
+        }
+        Ok(self.to_vec()?[0])
+    }
+
+    pub fn to_device(&self, device: Device) -> Result<Tensor> {
+        if self.device() == device {
+            return Ok(self.clone());
+        }
+        let storage = match (&*self.storage, device) {
+            (Storage::Cpu(v), Device::Cuda) => Storage::Cuda(CudaBuffer::from_host(v)?),
+            (Storage::Cuda(b), Device::Cpu) => Storage::Cpu(b.to_host()?),
+            _ => unreachable!("same-device case returned above"),
+        };
+        Ok(Tensor { shape: self.shape.clone(), dtype: self.dtype, storage: Arc::new(storage) })
+    }
+
+    /// The same buffer seen with another shape of the same element count.
+    pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
+        if numel(shape) != self.numel() {
+            return Err(Error::shape(
+                "reshape",
+                format!("cannot view shape {:?} ({} elements) as {:?}", self.shape, self.numel(), shape),
+            ));
+        }
+        Ok(Tensor { shape: shape.to_vec(), dtype: self.dtype, storage: self.storage.clone() })
+    }
+
+    /// The four dimensions of an NCHW tensor, or a shape error naming `op`.
+    pub fn dims4(&self, op: &'static str) -> Result<(usize, usize, usize, usize)> {
+        match self.shape[..] {
+            [n, c, h, w] => Ok((n, c, h, w)),
+            _ => Err(Error::shape(op, format!("expected an NCHW tensor, got shape {:?}", self.shape))),
+        }
+    }
+
+    /// The two dimensions of a matrix, or a shape error naming `op`.
+    pub fn dims2(&self, op: &'static str) -> Result<(usize, usize)> {
+        match self.shape[..] {
+            [r, c] => Ok((r, c)),
+            _ => Err(Error::shape(op, format!("expected a 2-d tensor, got shape {:?}", self.shape))),
+        }
+    }
+
+    /// Errors unless every tensor is f32 and on the same device as `self`; returns that device.
+    pub fn check_same(&self, op: &'static str, others: &[&Tensor]) -> Result<Device> {
+        let dev = self.device();
+        for t in std::iter::once(self).chain(others.iter().copied()) {
+            if t.dtype != DType::F32 {
+                return Err(Error::DType { op, dtype: t.dtype });
+            }
+            if t.device() != dev {
+                return Err(Error::DeviceMismatch { op, a: dev, b: t.device() });
+            }
+        }
+        Ok(dev)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reshape_shares_and_write_copies() {
+        let a = Tensor::from_vec(vec![1.0, 2.0, 3.0, 4.0], &[2, 2]).unwrap();
+        let mut b = a.reshape(&[4]).unwrap();
+        assert!(a.same_storage(&b));
+        b.cpu_slice_mut().unwrap()[0] = 9.0;
+        assert_eq!(a.to_vec().unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(b.to_vec().unwrap(), vec![9.0, 2.0, 3.0, 4.0]);
+        assert!(a.reshape(&[3]).is_err());
+        assert!(Tensor::from_vec(vec![1.0], &[2]).is_err());
+    }
+}

@@ -1,0 +1,107 @@
+//! Test helpers shared by unit and integration tests: a finite-difference gradient check and
+//! relative-error comparisons. Public so that `tests/` can use them; not part of the engine proper.
+
+use crate::error::{Error, Result};
+use crate::rng::Rng;
+use crate::tape::{Tape, Var};
+use crate::tensor::Tensor;
+
+/// Settings of `gradcheck`.
+#[derive(Clone, Copy, Debug)]
+pub struct GradCheck {
+    /// Central-difference step.
+    pub h: f32,
+    /// Largest accepted ||analytic - numeric|| / max(||analytic||, ||numeric||) per input.
+    pub tol: f64,
+    /// Coordinates checked per input (all of them when the input is smaller).
+    pub max_coords: usize,
+    pub seed: u64,
+}
+
+impl Default for GradCheck {
+    fn default() -> Self {
+        GradCheck { h: 1e-3, tol: 1e-2, max_coords: 64, seed: 0 }
+    }
+}
+
+/// Largest |a - b| / max(|a|, |b|, floor) over the elements: a relative error that does not blow
+/// up on values near zero.
+pub fn max_rel_err(a: &[f32], b: &[f32], floor: f32) -> f32 {
+    assert_eq!(a.len(), b.len(), "max_rel_err: lengths differ");
+    a.iter().zip(b).map(|(&x, &y)| (x - y).abs() / x.abs().max(y.abs()).max(floor)).fold(0.0, f32::max)
+}
+
+/// ||a - b|| / max(||a||, ||b||), the norm-wise relative error.
+pub fn norm_rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "norm_rel_err: lengths differ");
+    let (mut d, mut na, mut nb) = (0.0f64, 0.0f64, 0.0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        d += (x as f64 - y as f64).powi(2);
+        na += (x as f64).powi(2);
+        nb += (y as f64).powi(2);
+    }
+    let scale = na.max(nb).sqrt();
+    if scale == 0.0 {
+        0.0
+    } else {
+        d.sqrt() / scale
+    }
+}
+
+/// Compares the tape's gradient of phi = sum(f(inputs) * r), r random, with central finite
+/// differences of phi in every input, on a sample of coordinates. `f` must be deterministic.
+pub fn gradcheck(inputs: &[Tensor], f: impl Fn(&mut Tape, &[Var]) -> Result<Var>, cfg: GradCheck) -> Result<()> {
+    let mut rng = Rng::new(cfg.seed);
+    let mut tape = Tape::new();
+    let vars: Vec<Var> = inputs.iter().map(|t| tape.leaf(t.clone())).collect();
+    let y = f(&mut tape, &vars)?;
+    let r = Tensor::randn(y.shape(), 1.0, &mut rng).to_device(y.value().device())?;
+    let r_host = r.to_vec()?;
+    let grads = tape.backward_with(&y, r)?;
+
+    let phi = |xs: &[Tensor]| -> Result<f64> {
+        let mut t = Tape::no_grad();
+        let vs: Vec<Var> = xs.iter().map(|x| Var::constant(x.clone())).collect();
+        let out = f(&mut t, &vs)?.value().to_vec()?;
+        Ok(out.iter().zip(&r_host).map(|(&a, &b)| a as f64 * b as f64).sum())
+    };
+
+    for (i, var) in vars.iter().enumerate() {
+        let n = inputs[i].numel();
+        let analytic_all = match grads.of(var) {
+            Some(g) => g.to_vec()?,
+            None => vec![0.0; n],
+        };
+        if analytic_all.len() != n {
+            return Err(Error::msg(format!("gradcheck: gradient of input {i} has {} values, input has {n}", analytic_all.len())));
+        }
+        let mut coords: Vec<usize> = (0..n).collect();
+        rng.shuffle(&mut coords);
+        coords.truncate(cfg.max_coords);
+        let host = inputs[i].to_vec()?;
+        let mut analytic = Vec::new();
+        let mut numeric = Vec::new();
+        for &j in &coords {
+            let mut eval = |delta: f32| -> Result<f64> {
+                let mut v = host.clone();
+                v[j] += delta;
+                let mut xs = inputs.to_vec();
+                xs[i] = Tensor::from_vec(v, inputs[i].shape())?.to_device(inputs[i].device())?;
+                phi(&xs)
+            };
+            let d = (eval(cfg.h)? - eval(-cfg.h)?) / (2.0 * cfg.h as f64);
+            analytic.push(analytic_all[j]);
+            numeric.push(d as f32);
+        }
+        let err = norm_rel_err(&analytic, &numeric);
+        if err > cfg.tol || !err.is_finite() {
+            let show: Vec<(usize, f32, f32)> = coords.iter().zip(analytic.iter().zip(&numeric)).take(8).map(|(&j, (&a, &b))| (j, a, b)).collect();
+            return Err(Error::msg(format!(
+                "gradcheck: input {i} (shape {:?}): relative error {err:.3e} > {:.1e}; (index, analytic, numeric): {show:?}",
+                inputs[i].shape(),
+                cfg.tol
+            )));
+        }
+    }
+    Ok(())
+}
