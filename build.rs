@@ -15,7 +15,8 @@ fn main() {
         .filter(|n| n.ends_with(".cu") || n.ends_with(".cuh"))
         .collect();
     files.sort();
-    let mut out = String::from("/// (file name, source) of every kernel file, sorted by name.\npub static KERNEL_SOURCES: &[(&str, &str)] = &[\n");
+    let mut out =
+        String::from("/// (file name, source) of every kernel file, sorted by name.\npub static KERNEL_SOURCES: &[(&str, &str)] = &[\n");
     for f in &files {
         println!("cargo:rerun-if-changed=kernels/{f}");
         let abs = fs::canonicalize(dir.join(f)).expect("kernel file vanished during the build");

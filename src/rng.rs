@@ -53,7 +53,7 @@ impl Rng {
     /// Uniform integer in [0, n). `n` must be positive.
     pub fn below(&mut self, n: usize) -> usize {
         // Multiply-shift: bias is below 2^-32 for any n a data pipeline uses.
-        ((self.next_u64() >> 32) * n as u64 >> 32) as usize
+        (((self.next_u64() >> 32) * n as u64) >> 32) as usize
     }
 
     /// Standard normal (Box-Muller).

@@ -173,7 +173,14 @@ impl Tape {
     pub fn conv2d(&mut self, x: &Var, w: &Var, b: Option<&Var>, cfg: Conv2dCfg) -> Result<Var> {
         let y = conv::conv2d_forward(&x.value, &w.value, b.map(|b| &b.value), cfg)?;
         let need = x.requires_grad() || w.requires_grad() || b.is_some_and(Var::requires_grad);
-        Ok(self.push(y, need, || Op::Conv2d { x: src(x), w: src(w), b: b.and_then(src), x_val: x.value.clone(), w_val: w.value.clone(), cfg }))
+        Ok(self.push(y, need, || Op::Conv2d {
+            x: src(x),
+            w: src(w),
+            b: b.and_then(src),
+            x_val: x.value.clone(),
+            w_val: w.value.clone(),
+            cfg,
+        }))
     }
 
     /// Training-mode BatchNorm; also returns the batch statistics for the running-average update.
@@ -181,11 +188,26 @@ impl Tape {
         let (y, stats) = batchnorm::batchnorm_forward_train(&x.value, &gamma.value, &beta.value, eps)?;
         let need = x.requires_grad() || gamma.requires_grad() || beta.requires_grad();
         let saved = stats.clone();
-        let v = self.push(y, need, || Op::BatchNormTrain { x: src(x), gamma: src(gamma), beta: src(beta), x_val: x.value.clone(), gamma_val: gamma.value.clone(), stats: saved });
+        let v = self.push(y, need, || Op::BatchNormTrain {
+            x: src(x),
+            gamma: src(gamma),
+            beta: src(beta),
+            x_val: x.value.clone(),
+            gamma_val: gamma.value.clone(),
+            stats: saved,
+        });
         Ok((v, stats))
     }
 
-    pub fn batchnorm_eval(&mut self, x: &Var, gamma: &Var, beta: &Var, running_mean: &Tensor, running_var: &Tensor, eps: f32) -> Result<Var> {
+    pub fn batchnorm_eval(
+        &mut self,
+        x: &Var,
+        gamma: &Var,
+        beta: &Var,
+        running_mean: &Tensor,
+        running_var: &Tensor,
+        eps: f32,
+    ) -> Result<Var> {
         let y = batchnorm::batchnorm_forward_eval(&x.value, &gamma.value, &beta.value, running_mean, running_var, eps)?;
         let need = x.requires_grad() || gamma.requires_grad() || beta.requires_grad();
         Ok(self.push(y, need, || Op::BatchNormEval {
@@ -221,7 +243,12 @@ impl Tape {
     /// a * b, b broadcast to a's shape (gates, learned scalars).
     pub fn mul(&mut self, a: &Var, b: &Var) -> Result<Var> {
         let y = ew::mul(&a.value, &b.value)?;
-        Ok(self.push(y, a.requires_grad() || b.requires_grad(), || Op::Mul { a: src(a), b: src(b), a_val: a.value.clone(), b_val: b.value.clone() }))
+        Ok(self.push(y, a.requires_grad() || b.requires_grad(), || Op::Mul {
+            a: src(a),
+            b: src(b),
+            a_val: a.value.clone(),
+            b_val: b.value.clone(),
+        }))
     }
 
     /// alpha * x for a constant alpha.
@@ -297,7 +324,12 @@ impl Tape {
 
     pub fn cross_entropy_label_smooth(&mut self, logits: &Var, labels: &[usize], eps: f32) -> Result<Var> {
         let y = loss::cross_entropy_label_smooth_forward(&logits.value, labels, eps)?;
-        Ok(self.push(y, logits.requires_grad(), || Op::CrossEntropy { logits: src(logits), logits_val: logits.value.clone(), labels: labels.to_vec(), eps }))
+        Ok(self.push(y, logits.requires_grad(), || Op::CrossEntropy {
+            logits: src(logits),
+            logits_val: logits.value.clone(),
+            labels: labels.to_vec(),
+            eps,
+        }))
     }
 
     pub fn triplet_soft_margin(&mut self, x: &Var, labels: &[usize]) -> Result<Var> {
@@ -308,7 +340,13 @@ impl Tape {
     pub fn center_loss(&mut self, x: &Var, labels: &[usize], centers: &Var) -> Result<Var> {
         let y = loss::center_loss_forward(&x.value, labels, &centers.value)?;
         let need = x.requires_grad() || centers.requires_grad();
-        Ok(self.push(y, need, || Op::Center { x: src(x), c: src(centers), x_val: x.value.clone(), c_val: centers.value.clone(), labels: labels.to_vec() }))
+        Ok(self.push(y, need, || Op::Center {
+            x: src(x),
+            c: src(centers),
+            x_val: x.value.clone(),
+            c_val: centers.value.clone(),
+            labels: labels.to_vec(),
+        }))
     }
 
     /// Back-propagates from a scalar (a [1] loss) with seed gradient 1.

@@ -84,10 +84,7 @@ impl Tensor {
     /// A CPU tensor holding `data` with the given shape.
     pub fn from_vec(data: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
         if data.len() != numel(shape) {
-            return Err(Error::shape(
-                "Tensor::from_vec",
-                format!("{} values do not fill shape {:?}", data.len(), shape),
-            ));
+            return Err(Error::shape("Tensor::from_vec", format!("{} values do not fill shape {:?}", data.len(), shape)));
         }
         Ok(Tensor { shape: shape.to_vec(), dtype: DType::F32, storage: Arc::new(Storage::Cpu(data)) })
     }
@@ -210,10 +207,7 @@ impl Tensor {
     /// The same buffer seen with another shape of the same element count.
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
         if numel(shape) != self.numel() {
-            return Err(Error::shape(
-                "reshape",
-                format!("cannot view shape {:?} ({} elements) as {:?}", self.shape, self.numel(), shape),
-            ));
+            return Err(Error::shape("reshape", format!("cannot view shape {:?} ({} elements) as {:?}", self.shape, self.numel(), shape)));
         }
         Ok(Tensor { shape: shape.to_vec(), dtype: self.dtype, storage: self.storage.clone() })
     }

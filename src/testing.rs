@@ -82,7 +82,7 @@ pub fn gradcheck(inputs: &[Tensor], f: impl Fn(&mut Tape, &[Var]) -> Result<Var>
         let mut analytic = Vec::new();
         let mut numeric = Vec::new();
         for &j in &coords {
-            let mut eval = |delta: f32| -> Result<f64> {
+            let eval = |delta: f32| -> Result<f64> {
                 let mut v = host.clone();
                 v[j] += delta;
                 let mut xs = inputs.to_vec();
@@ -95,7 +95,8 @@ pub fn gradcheck(inputs: &[Tensor], f: impl Fn(&mut Tape, &[Var]) -> Result<Var>
         }
         let err = norm_rel_err(&analytic, &numeric);
         if err > cfg.tol || !err.is_finite() {
-            let show: Vec<(usize, f32, f32)> = coords.iter().zip(analytic.iter().zip(&numeric)).take(8).map(|(&j, (&a, &b))| (j, a, b)).collect();
+            let show: Vec<(usize, f32, f32)> =
+                coords.iter().zip(analytic.iter().zip(&numeric)).take(8).map(|(&j, (&a, &b))| (j, a, b)).collect();
             return Err(Error::msg(format!(
                 "gradcheck: input {i} (shape {:?}): relative error {err:.3e} > {:.1e}; (index, analytic, numeric): {show:?}",
                 inputs[i].shape(),

@@ -9,7 +9,18 @@ use gemm::Parallelism;
 /// [k, n], or [n, k] when `trans_b`. C is [m, n]. `parallel` lets the product use every rayon
 /// thread; pass false when already inside a parallel loop.
 #[allow(clippy::too_many_arguments)]
-pub fn sgemm(m: usize, n: usize, k: usize, a: &[f32], trans_a: bool, b: &[f32], trans_b: bool, c: &mut [f32], accumulate: bool, parallel: bool) {
+pub fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    trans_a: bool,
+    b: &[f32],
+    trans_b: bool,
+    c: &mut [f32],
+    accumulate: bool,
+    parallel: bool,
+) {
     assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n, "sgemm: buffers too small for {m}x{k} * {k}x{n}");
     if m == 0 || n == 0 {
         return;

@@ -14,7 +14,13 @@ pub fn bmm_dims(op: &'static str, a: &[usize], b: &[usize], trans_a: bool, trans
     crate::ensure_shape!(a[0] == b[0], op, "batch sizes differ: {a:?} and {b:?}");
     let (m, ka) = if trans_a { (a[2], a[1]) } else { (a[1], a[2]) };
     let (kb, n) = if trans_b { (b[2], b[1]) } else { (b[1], b[2]) };
-    crate::ensure_shape!(ka == kb, op, "inner dims differ: {a:?}{} x {b:?}{}", if trans_a { "^T" } else { "" }, if trans_b { "^T" } else { "" });
+    crate::ensure_shape!(
+        ka == kb,
+        op,
+        "inner dims differ: {a:?}{} x {b:?}{}",
+        if trans_a { "^T" } else { "" },
+        if trans_b { "^T" } else { "" }
+    );
     Ok((a[0], m, n, ka))
 }
 
@@ -32,7 +38,15 @@ pub fn bmm(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tenso
 pub fn bmm_backward(dy: &Tensor, a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<(Tensor, Tensor)> {
     let dev = a.check_same("bmm_backward", &[dy, b])?;
     let dims = bmm_dims("bmm_backward", a.shape(), b.shape(), trans_a, trans_b)?;
-    crate::ensure_shape!(dy.shape() == [dims.0, dims.1, dims.2], "bmm_backward", "dy {:?} != output [{}, {}, {}]", dy.shape(), dims.0, dims.1, dims.2);
+    crate::ensure_shape!(
+        dy.shape() == [dims.0, dims.1, dims.2],
+        "bmm_backward",
+        "dy {:?} != output [{}, {}, {}]",
+        dy.shape(),
+        dims.0,
+        dims.1,
+        dims.2
+    );
     match dev {
         Device::Cpu => cpu::bmm_backward(dy, a, b, trans_a, trans_b, dims),
         Device::Cuda => cuda::bmm_backward(dy, a, b, trans_a, trans_b, dims),

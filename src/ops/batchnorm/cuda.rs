@@ -11,18 +11,45 @@ pub(super) fn batchnorm_forward_train(x: &Tensor, gamma: &Tensor, beta: &Tensor,
     crate::cuda::unavailable()
 }
 
-pub(super) fn batchnorm_backward_train(dy: &Tensor, x: &Tensor, gamma: &Tensor, stats: &BnBatchStats, dims: Dims) -> Result<(Tensor, Tensor, Tensor)> {
+pub(super) fn batchnorm_backward_train(
+    dy: &Tensor,
+    x: &Tensor,
+    gamma: &Tensor,
+    stats: &BnBatchStats,
+    dims: Dims,
+) -> Result<(Tensor, Tensor, Tensor)> {
     crate::cuda::unavailable()
 }
 
-pub(super) fn batchnorm_forward_eval(x: &Tensor, gamma: &Tensor, beta: &Tensor, running_mean: &Tensor, running_var: &Tensor, eps: f32, dims: Dims) -> Result<Tensor> {
+pub(super) fn batchnorm_forward_eval(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f32,
+    dims: Dims,
+) -> Result<Tensor> {
     crate::cuda::unavailable()
 }
 
-pub(super) fn batchnorm_backward_eval(dy: &Tensor, x: &Tensor, gamma: &Tensor, running_mean: &Tensor, running_var: &Tensor, eps: f32, dims: Dims) -> Result<(Tensor, Tensor, Tensor)> {
+pub(super) fn batchnorm_backward_eval(
+    dy: &Tensor,
+    x: &Tensor,
+    gamma: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f32,
+    dims: Dims,
+) -> Result<(Tensor, Tensor, Tensor)> {
     crate::cuda::unavailable()
 }
 
-pub(super) fn batchnorm_update_running(running_mean: &mut Tensor, running_var: &mut Tensor, stats: &BnBatchStats, momentum: f32) -> Result<()> {
+pub(super) fn batchnorm_update_running(
+    running_mean: &mut Tensor,
+    running_var: &mut Tensor,
+    stats: &BnBatchStats,
+    momentum: f32,
+) -> Result<()> {
     crate::cuda::unavailable()
 }

@@ -56,7 +56,14 @@ pub fn batchnorm_backward_train(dy: &Tensor, x: &Tensor, gamma: &Tensor, stats: 
     }
 }
 
-pub fn batchnorm_forward_eval(x: &Tensor, gamma: &Tensor, beta: &Tensor, running_mean: &Tensor, running_var: &Tensor, eps: f32) -> Result<Tensor> {
+pub fn batchnorm_forward_eval(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f32,
+) -> Result<Tensor> {
     const OP: &str = "batchnorm_forward_eval";
     let dev = x.check_same(OP, &[gamma, beta, running_mean, running_var])?;
     let dims = bn_dims(OP, x, &[gamma, beta, running_mean, running_var])?;
@@ -67,7 +74,14 @@ pub fn batchnorm_forward_eval(x: &Tensor, gamma: &Tensor, beta: &Tensor, running
 }
 
 /// Returns (dx, dgamma, dbeta) of the eval-mode (fixed statistics) normalisation.
-pub fn batchnorm_backward_eval(dy: &Tensor, x: &Tensor, gamma: &Tensor, running_mean: &Tensor, running_var: &Tensor, eps: f32) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn batchnorm_backward_eval(
+    dy: &Tensor,
+    x: &Tensor,
+    gamma: &Tensor,
+    running_mean: &Tensor,
+    running_var: &Tensor,
+    eps: f32,
+) -> Result<(Tensor, Tensor, Tensor)> {
     const OP: &str = "batchnorm_backward_eval";
     let dev = x.check_same(OP, &[dy, gamma, running_mean, running_var])?;
     let dims = bn_dims(OP, x, &[gamma, running_mean, running_var])?;

@@ -165,7 +165,12 @@ pub fn concat(xs: &[&Tensor], axis: usize) -> Result<Tensor> {
 pub fn narrow(x: &Tensor, axis: usize, start: usize, len: usize) -> Result<Tensor> {
     let dev = x.check_same("narrow", &[])?;
     let s = x.shape();
-    crate::ensure_shape!(axis < s.len() && start + len <= s[axis], "narrow", "[{start}, {}) out of range on axis {axis} of {s:?}", start + len);
+    crate::ensure_shape!(
+        axis < s.len() && start + len <= s[axis],
+        "narrow",
+        "[{start}, {}) out of range on axis {axis} of {s:?}",
+        start + len
+    );
     match dev {
         Device::Cpu => cpu::narrow(x, axis, start, len),
         Device::Cuda => cuda::narrow(x, axis, start, len),

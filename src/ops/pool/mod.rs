@@ -122,11 +122,7 @@ pub fn global_max_pool_backward(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
 
 fn check_parts(op: &'static str, x_shape: &[usize], parts: usize) -> Result<()> {
     crate::ensure_shape!(x_shape.len() == 4, op, "expected NCHW input, got {x_shape:?}");
-    crate::ensure_shape!(
-        parts >= 1 && x_shape[2] % parts == 0,
-        op,
-        "{parts} parts do not divide the height of input {x_shape:?}"
-    );
+    crate::ensure_shape!(parts >= 1 && x_shape[2].is_multiple_of(parts), op, "{parts} parts do not divide the height of input {x_shape:?}");
     Ok(())
 }
 
