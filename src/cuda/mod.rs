@@ -29,3 +29,9 @@ impl CudaBuffer {
         unavailable()
     }
 }
+
+/// Checks that a CUDA driver, a GPU and the libraries the engine needs can be used; the error
+/// names what is missing.
+pub fn probe() -> std::result::Result<(), String> {
+    Err("the CUDA backend is not built into this version".into())
+}
