@@ -7,7 +7,7 @@ use crate::tensor::Tensor;
 /// (batch, m, n, k)
 type Dims = (usize, usize, usize, usize);
 
-/// Buffers smaller than this are processed on the calling thread.
+/// Below this many elements a loop runs as one task.
 const PAR_MIN: usize = 1 << 16;
 
 /// Runs `f(batch index, output block, parallel)` over the `per`-sized blocks of `out`: one GEMM per
@@ -30,7 +30,14 @@ pub(super) fn bmm(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool, (bs, m, 
     Tensor::from_vec(y, &[bs, m, n])
 }
 
-pub(super) fn bmm_backward(dy: &Tensor, a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool, (_, m, n, k): Dims) -> Result<(Tensor, Tensor)> {
+pub(super) fn bmm_backward(
+    dy: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    trans_a: bool,
+    trans_b: bool,
+    (_, m, n, k): Dims,
+) -> Result<(Tensor, Tensor)> {
     let (av, bv, dyv) = (a.cpu_slice()?, b.cpu_slice()?, dy.cpu_slice()?);
     // Y = op(A) op(B): d op(A) = dY op(B)^T, d op(B) = op(A)^T dY; a transposed operand gets the
     // transpose of its gradient, written directly as a product in the stored layout.

@@ -41,8 +41,9 @@ const TRANSPOSES: [(bool, bool); 4] = [(false, false), (true, false), (false, tr
 
 #[test]
 fn bmm_matches_naive_for_each_transpose() {
-    // The PAM shapes (energy = Q^T K: 128 positions, 48 = 384/8 channels) and a small odd one.
-    for &(bs, m, n, k) in &[(3, 5, 7, 4), (2, 128, 128, 48), (20, 6, 9, 11)] {
+    // The PAM shapes (energy = Q^T K: 128 positions, 48 = 384/8 channels), small odd ones, and a
+    // single batch entry (one multithreaded GEMM instead of one GEMM per thread).
+    for &(bs, m, n, k) in &[(3, 5, 7, 4), (2, 128, 128, 48), (20, 6, 9, 11), (1, 33, 65, 17)] {
         for (s, &(ta, tb)) in TRANSPOSES.iter().enumerate() {
             let a = randn(&stored(bs, m, k, ta), 2 * s as u64);
             let b = randn(&stored(bs, k, n, tb), 2 * s as u64 + 1);
@@ -56,8 +57,8 @@ fn bmm_matches_naive_for_each_transpose() {
 #[test]
 fn bmm_backward_matches_naive() {
     // dA = dY op(B)^T and dB = op(A)^T dY, transposed back into each operand's stored layout.
-    let (bs, m, n, k) = (3, 4, 5, 6);
-    for (s, &(ta, tb)) in TRANSPOSES.iter().enumerate() {
+    let (m, n, k) = (4, 5, 6);
+    for (s, (bs, &(ta, tb))) in [1, 3].into_iter().flat_map(|bs| TRANSPOSES.iter().map(move |t| (bs, t))).enumerate() {
         let a = randn(&stored(bs, m, k, ta), 10 + s as u64);
         let b = randn(&stored(bs, k, n, tb), 20 + s as u64);
         let dy = randn(&[bs, m, n], 30 + s as u64);

@@ -10,7 +10,7 @@ use rayon::prelude::*;
 use crate::error::Result;
 use crate::tensor::{numel, Tensor};
 
-/// Buffers smaller than this are processed on the calling thread.
+/// Below this many elements a loop runs as one task.
 const PAR_MIN: usize = 1 << 16;
 /// Elements per parallel task.
 const CHUNK: usize = 1 << 13;
@@ -41,6 +41,12 @@ fn zip_map(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync) -> Result
     let (av, bv) = (a.cpu_slice()?, b.cpu_slice()?);
     let y = fill(av.len(), |s, out| out.iter_mut().zip(&av[s..]).zip(&bv[s..]).for_each(|((o, &x), &y)| *o = f(x, y)));
     Tensor::from_vec(y, a.shape())
+}
+
+/// b's values along one run of a: one per element, or one for the whole run.
+enum BRun<'a> {
+    Each(&'a [f32]),
+    One(f32),
 }
 
 /// How b (broadcast) lines up with a: a is cut into rows of `row` contiguous elements; within a
@@ -107,35 +113,25 @@ impl Bcast {
         }
     }
 
-    /// out[i] = f(i, b value at i) for a buffer of `len` elements laid out like a.
-    fn gather(&self, len: usize, b: &[f32], f: impl Fn(usize, f32) -> f32 + Sync) -> Vec<f32> {
+    /// A buffer laid out like a, written run by run by `f(out_run, a_offset, b's values for the run)`.
+    fn gather(&self, len: usize, b: &[f32], f: impl Fn(&mut [f32], usize, BRun) + Sync) -> Vec<f32> {
         fill(len, |s, out| {
             self.runs(s, out.len(), |off, n, bo| {
-                let o = &mut out[off - s..off - s + n];
-                if self.b_contig {
-                    for (t, (o, &bv)) in o.iter_mut().zip(&b[bo..bo + n]).enumerate() {
-                        *o = f(off + t, bv);
-                    }
-                } else {
-                    let bv = b[bo];
-                    for (t, o) in o.iter_mut().enumerate() {
-                        *o = f(off + t, bv);
-                    }
-                }
+                let run = if self.b_contig { BRun::Each(&b[bo..bo + n]) } else { BRun::One(b[bo]) };
+                f(&mut out[off - s..off - s + n], off, run)
             })
         })
     }
 
-    /// r[j] = sum of v(i) over the elements i of a that read b[j] (in f64).
-    fn reduce(&self, len: usize, b_len: usize, v: impl Fn(usize) -> f32 + Sync) -> Vec<f32> {
+    /// r[j] = sum of the values over the elements of a that read b[j], in f64; `v(offset, len)`
+    /// yields the values of one run.
+    fn reduce<I: Iterator<Item = f32>>(&self, len: usize, b_len: usize, v: impl Fn(usize, usize) -> I + Sync) -> Vec<f32> {
         let add_range = |acc: &mut Vec<f64>, start: usize, n: usize| {
             self.runs(start, n, |off, n, bo| {
                 if self.b_contig {
-                    for (t, a) in acc[bo..bo + n].iter_mut().enumerate() {
-                        *a += v(off + t) as f64;
-                    }
+                    acc[bo..bo + n].iter_mut().zip(v(off, n)).for_each(|(a, v)| *a += v as f64);
                 } else {
-                    acc[bo] += (off..off + n).map(|i| v(i) as f64).sum::<f64>();
+                    acc[bo] += v(off, n).map(|v| v as f64).sum::<f64>();
                 }
             })
         };
@@ -188,7 +184,13 @@ fn broadcast_binary(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync) 
         return zip_map(a, b, f);
     }
     let (av, bv) = (a.cpu_slice()?, b.cpu_slice()?);
-    let y = Bcast::new(a.shape(), b.shape()).gather(av.len(), bv, |i, bv| f(av[i], bv));
+    let y = Bcast::new(a.shape(), b.shape()).gather(av.len(), bv, |out, off, run| {
+        let a = &av[off..off + out.len()];
+        match run {
+            BRun::Each(b) => out.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&x, &y))| *o = f(x, y)),
+            BRun::One(y) => out.iter_mut().zip(a).for_each(|(o, &x)| *o = f(x, y)),
+        }
+    });
     Tensor::from_vec(y, a.shape())
 }
 
@@ -206,7 +208,8 @@ pub(super) fn mul_backward(dy: &Tensor, a: &Tensor, b: &Tensor) -> Result<(Tenso
     let db = if a.shape() == b.shape() {
         mul(dy, a)?
     } else {
-        let r = Bcast::new(a.shape(), b.shape()).reduce(av.len(), b.numel(), |i| dyv[i] * av[i]);
+        let r = Bcast::new(a.shape(), b.shape())
+            .reduce(av.len(), b.numel(), |off, n| dyv[off..off + n].iter().zip(&av[off..off + n]).map(|(&g, &x)| g * x));
         Tensor::from_vec(r, b.shape())?
     };
     Ok((da, db))
@@ -214,11 +217,15 @@ pub(super) fn mul_backward(dy: &Tensor, a: &Tensor, b: &Tensor) -> Result<(Tenso
 
 pub(super) fn sum_to_shape(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
     let xv = x.cpu_slice()?;
-    Tensor::from_vec(Bcast::new(x.shape(), shape).reduce(xv.len(), numel(shape), |i| xv[i]), shape)
+    Tensor::from_vec(Bcast::new(x.shape(), shape).reduce(xv.len(), numel(shape), |off, n| xv[off..off + n].iter().copied()), shape)
 }
 
 pub(super) fn broadcast_to(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
-    Tensor::from_vec(Bcast::new(shape, x.shape()).gather(numel(shape), x.cpu_slice()?, |_, v| v), shape)
+    let y = Bcast::new(shape, x.shape()).gather(numel(shape), x.cpu_slice()?, |out, _, run| match run {
+        BRun::Each(b) => out.copy_from_slice(b),
+        BRun::One(v) => out.fill(v),
+    });
+    Tensor::from_vec(y, shape)
 }
 
 pub(super) fn scale(x: &Tensor, alpha: f32) -> Result<Tensor> {
@@ -226,8 +233,7 @@ pub(super) fn scale(x: &Tensor, alpha: f32) -> Result<Tensor> {
 }
 
 pub(super) fn sum_all(x: &Tensor) -> Result<Tensor> {
-    let s: f64 =
-        x.cpu_slice()?.par_chunks(CHUNK).with_min_len(PAR_MIN / CHUNK).map(|c| c.iter().map(|&v| v as f64).sum::<f64>()).sum();
+    let s: f64 = x.cpu_slice()?.par_chunks(CHUNK).with_min_len(PAR_MIN / CHUNK).map(|c| c.iter().map(|&v| v as f64).sum::<f64>()).sum();
     Tensor::from_vec(vec![s as f32], &[1])
 }
 

@@ -157,9 +157,9 @@ fn relu_sigmoid_scale_forward_backward() {
 #[test]
 fn unary_gradchecks() {
     let x = randn_off_zero(&[2, 3, 4, 5], 7);
-    gradcheck(&[x.clone()], |t, v| t.relu(&v[0]), GradCheck::default()).unwrap();
-    gradcheck(&[x.clone()], |t, v| t.sigmoid(&v[0]), GradCheck::default()).unwrap();
-    gradcheck(&[x.clone()], |t, v| t.scale(&v[0], 1.7), GradCheck::default()).unwrap();
+    gradcheck(std::slice::from_ref(&x), |t, v| t.relu(&v[0]), GradCheck::default()).unwrap();
+    gradcheck(std::slice::from_ref(&x), |t, v| t.sigmoid(&v[0]), GradCheck::default()).unwrap();
+    gradcheck(std::slice::from_ref(&x), |t, v| t.scale(&v[0], 1.7), GradCheck::default()).unwrap();
     gradcheck(&[x], |t, v| t.sum_all(&v[0]), GradCheck::default()).unwrap();
 }
 

@@ -47,10 +47,12 @@ fn backward_matches_naive() {
     let (dx, dw, db) = linear_backward(&dy, &x, &w).unwrap();
     assert_eq!((dx.shape(), dw.shape(), db.shape()), (&[n, din][..], &[dout, din][..], &[dout][..]));
     let (xv, wv, dyv) = (x.to_vec().unwrap(), w.to_vec().unwrap(), dy.to_vec().unwrap());
-    let dx_ref: Vec<f32> =
-        (0..n * din).map(|e| (0..dout).map(|o| dyv[e / din * dout + o] as f64 * wv[o * din + e % din] as f64).sum::<f64>() as f32).collect();
-    let dw_ref: Vec<f32> =
-        (0..dout * din).map(|e| (0..n).map(|i| dyv[i * dout + e / din] as f64 * xv[i * din + e % din] as f64).sum::<f64>() as f32).collect();
+    let dx_ref: Vec<f32> = (0..n * din)
+        .map(|e| (0..dout).map(|o| dyv[e / din * dout + o] as f64 * wv[o * din + e % din] as f64).sum::<f64>() as f32)
+        .collect();
+    let dw_ref: Vec<f32> = (0..dout * din)
+        .map(|e| (0..n).map(|i| dyv[i * dout + e / din] as f64 * xv[i * din + e % din] as f64).sum::<f64>() as f32)
+        .collect();
     let db_ref: Vec<f32> = (0..dout).map(|o| (0..n).map(|i| dyv[i * dout + o] as f64).sum::<f64>() as f32).collect();
     assert!(dot_err(&dx.to_vec().unwrap(), &dx_ref, dout) < 1e-5);
     assert!(dot_err(&dw.to_vec().unwrap(), &dw_ref, n) < 1e-5);

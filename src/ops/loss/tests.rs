@@ -84,7 +84,7 @@ fn cross_entropy_hand_values() {
 #[test]
 fn cross_entropy_backward() {
     let (z, labels) = (randn(&[4, 6], 2.0, 1), [5, 0, 2, 2]);
-    gradcheck(&[z.clone()], |t, v| t.cross_entropy_label_smooth(&v[0], &labels, 0.1), GradCheck::default()).unwrap();
+    gradcheck(std::slice::from_ref(&z), |t, v| t.cross_entropy_label_smooth(&v[0], &labels, 0.1), GradCheck::default()).unwrap();
     // Against (softmax - q) / N * dloss directly, on the training size.
     let (n, k) = (64, 751);
     let z = randn(&[n, k], 3.0, 2);
@@ -127,9 +127,7 @@ fn cross_entropy_errors() {
 fn naive_triplet(x: &Tensor, labels: &[usize]) -> f64 {
     let (n, d) = (x.shape()[0], x.shape()[1]);
     let xv = x.to_vec().unwrap();
-    let dist = |i: usize, j: usize| {
-        (0..d).map(|c| (xv[i * d + c] as f64 - xv[j * d + c] as f64).powi(2)).sum::<f64>().max(1e-12).sqrt()
-    };
+    let dist = |i: usize, j: usize| (0..d).map(|c| (xv[i * d + c] as f64 - xv[j * d + c] as f64).powi(2)).sum::<f64>().max(1e-12).sqrt();
     let mut total = 0.0;
     for i in 0..n {
         let (mut ap, mut an) = (f64::NEG_INFINITY, f64::INFINITY);
