@@ -50,32 +50,21 @@ extern "C" __global__ void ce_ls_backward(const float* dloss, const float* logit
     for (int k = lane; k < K; k += 32) dz[k] = g * (expf(z[k] - m) * inv - (q0 + (k == y ? 1.0f - eps : 0.0f)));
 }
 
-// Squared row norms of an [N, D] matrix, one warp per row.
-extern "C" __global__ void row_sqnorm(const float* x, float* out, int N, int D) {
-    const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (r >= N) return;
-    const float* xr = x + (long long)r * D;
-    float s = 0.0f;
-    for (int j = lane; j < D; j += 32) s += xr[j] * xr[j];
-    s = warp_sum(s);
-    if (lane == 0) out[r] = s;
-}
-
-// d(i, j) = sqrt(max(|x_i|^2 + |x_j|^2 - 2 x_i.x_j, 1e-12)) from the Gram matrix and the norms.
-__device__ __forceinline__ float pair_dist(const float* gram, const float* sqn, int N, int i, int j) {
-    return sqrtf(fmaxf(sqn[i] + sqn[j] - 2.0f * gram[(long long)i * N + j], 1e-12f));
+// d(i, j) = sqrt(max(G_ii + G_jj - 2 G_ij, 1e-12)) from the Gram matrix G = x x^T; with the norms
+// read off its diagonal d(i, i) clamps exactly, as on the CPU.
+__device__ __forceinline__ float pair_d2(const float* gram, int N, int i, int j) {
+    return gram[(long long)i * N + i] + gram[(long long)j * N + j] - 2.0f * gram[(long long)i * N + j];
 }
 
 // Batch-hard mining for anchor i in one warp: hardest positive (farthest, label equal, i itself
 // included) and hardest negative (nearest), first index on ties. Every lane gets the result.
-__device__ void mine(const float* gram, const float* sqn, const int* labels, int N, int i, int lane, float& dap, int& p, float& dan,
-                     int& q) {
+__device__ void mine(const float* gram, const int* labels, int N, int i, int lane, float& dap, int& p, float& dan, int& q) {
     dap = NEG_INF;
     p = 0x7fffffff;
     float neg_dan = NEG_INF;  // max of -d = min of d, so argmax_merge gives the first minimum
     q = 0x7fffffff;
     for (int j = lane; j < N; j += 32) {
-        const float d = pair_dist(gram, sqn, N, i, j);
+        const float d = sqrtf(fmaxf(pair_d2(gram, N, i, j), 1e-12f));
         if (labels[j] == labels[i])
             argmax_merge(dap, p, d, j);
         else
@@ -92,14 +81,14 @@ __device__ __forceinline__ float softplus(float t) {
 }
 
 // Soft-margin batch-hard triplet loss: mean_i softplus(d_ap(i) - d_an(i)). One block.
-extern "C" __global__ void triplet_forward(const float* gram, const float* sqn, const int* labels, float* loss, int N) {
+extern "C" __global__ void triplet_forward(const float* gram, const int* labels, float* loss, int N) {
     __shared__ double scratch[32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     double part = 0.0;
     for (int i = warp; i < N; i += nwarps) {
         float dap, dan;
         int p, q;
-        mine(gram, sqn, labels, N, i, lane, dap, p, dan, q);
+        mine(gram, labels, N, i, lane, dap, p, dan, q);
         part += softplus(dap - dan);
     }
     const double total = block_total(part, scratch);
@@ -108,21 +97,19 @@ extern "C" __global__ void triplet_forward(const float* gram, const float* sqn, 
 
 // Per anchor: the mined pair indices and the coefficients c with dx_i += c (x_i - x_j) (and
 // dx_j -= c (x_i - x_j)): c = dL/dd / d, zero where the distance was clamped. One warp per anchor.
-extern "C" __global__ void triplet_select(const float* gram, const float* sqn, const int* labels, const float* dloss, int* pos,
-                                          int* neg, float* cpos, float* cneg, int N) {
+extern "C" __global__ void triplet_select(const float* gram, const int* labels, const float* dloss, int* pos, int* neg, float* cpos,
+                                          float* cneg, int N) {
     const int i = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (i >= N) return;
     float dap, dan;
     int p, q;
-    mine(gram, sqn, labels, N, i, lane, dap, p, dan, q);
+    mine(gram, labels, N, i, lane, dap, p, dan, q);
     if (lane == 0) {
         const float t = dap - dan, g = dloss[0] / N / (1.0f + expf(-t));  // d softplus(t)/dt = sigmoid(t)
-        const float sp = sqn[i] + sqn[p] - 2.0f * gram[(long long)i * N + p];
-        const float sn = sqn[i] + sqn[q] - 2.0f * gram[(long long)i * N + q];
         pos[i] = p;
         neg[i] = q;
-        cpos[i] = sp > 1e-12f ? g / dap : 0.0f;
-        cneg[i] = sn > 1e-12f ? -g / dan : 0.0f;
+        cpos[i] = pair_d2(gram, N, i, p) >= 1e-12f ? g / dap : 0.0f;
+        cneg[i] = pair_d2(gram, N, i, q) >= 1e-12f ? -g / dan : 0.0f;
     }
 }
 
@@ -144,18 +131,17 @@ extern "C" __global__ void triplet_backward(const float* x, const int* pos, cons
     }
 }
 
-// Squared distance of sample i to its center, clamped to [1e-12, 1e12], as the expansion
-// |x|^2 + |c|^2 - 2 x.c; computed by one warp.
+// Squared distance of sample i to its center, summed as (x - c)^2 (accurate also when x is near c);
+// computed by one warp, every lane gets it.
 __device__ float center_dist(const float* x, const float* centers, int D, int i, int y, int lane) {
     const float* xr = x + (long long)i * D;
     const float* cr = centers + (long long)y * D;
-    float xx = 0.0f, cc = 0.0f, xc = 0.0f;
+    float s = 0.0f;
     for (int j = lane; j < D; j += 32) {
-        xx += xr[j] * xr[j];
-        cc += cr[j] * cr[j];
-        xc += xr[j] * cr[j];
+        const float d = xr[j] - cr[j];
+        s += d * d;
     }
-    return warp_sum(xx) + warp_sum(cc) - 2.0f * warp_sum(xc);
+    return warp_sum(s);
 }
 
 // Center loss: mean over the `count` samples with label < K of clamp(dist, 1e-12, 1e12). One block.

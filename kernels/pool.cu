@@ -4,7 +4,8 @@
 // and are deterministic.
 #include "common.cuh"
 
-// Flat index (within the plane) of the first maximum of output (oh, ow)'s window.
+// Flat index (within the plane) of the first maximum of output (oh, ow)'s window (the last NaN if
+// there is one).
 __device__ __forceinline__ int window_argmax(const float* plane, int H, int W, int oh, int ow, int k, int s, int p) {
     float best = NEG_INF;
     int best_i = -1;
@@ -16,7 +17,8 @@ __device__ __forceinline__ int window_argmax(const float* plane, int H, int W, i
             const int w = w0 + kw;
             if (w < 0 || w >= W) continue;
             const float v = plane[h * W + w];
-            if (best_i < 0 || v > best) {
+            // PyTorch's scan: a larger value or a NaN takes over (so NaN propagates).
+            if (best_i < 0 || v > best || v != v) {
                 best = v;
                 best_i = h * W + w;
             }

@@ -149,7 +149,6 @@ pub fn compile_source(file: &str, src: &str, arch: &str) -> Result<Vec<u8>> {
 /// A loaded kernel and the byte sizes of its parameters as the driver reports them (None when the
 /// driver cannot say), so that a launcher passing the wrong argument list fails with an error
 /// instead of running on garbage.
-#[derive(Clone)]
 pub(crate) struct Kernel {
     pub(crate) func: CudaFunction,
     pub(crate) param_sizes: Option<Vec<usize>>,
@@ -179,7 +178,7 @@ fn param_sizes(f: &CudaFunction) -> Option<Vec<usize>> {
 pub(crate) struct KernelCache {
     arch: String,
     modules: Mutex<HashMap<&'static str, Arc<CudaModule>>>,
-    kernels: RwLock<HashMap<&'static str, Kernel>>,
+    kernels: RwLock<HashMap<&'static str, Arc<Kernel>>>,
 }
 
 impl KernelCache {
@@ -187,7 +186,7 @@ impl KernelCache {
         KernelCache { arch, modules: Mutex::default(), kernels: RwLock::default() }
     }
 
-    pub(crate) fn get(&self, ctx: &Arc<CudaContext>, file: &'static str, name: &'static str) -> Result<Kernel> {
+    pub(crate) fn get(&self, ctx: &Arc<CudaContext>, file: &'static str, name: &'static str) -> Result<Arc<Kernel>> {
         if let Some(k) = self.kernels.read().unwrap_or_else(|e| e.into_inner()).get(name) {
             return Ok(k.clone());
         }
@@ -205,7 +204,7 @@ impl KernelCache {
             }
         };
         let func = module.load_function(name).map_err(|e| driver_err(&format!("{file} has no kernel {name}"), e))?;
-        let k = Kernel { param_sizes: param_sizes(&func), func };
+        let k = Arc::new(Kernel { param_sizes: param_sizes(&func), func });
         self.kernels.write().unwrap_or_else(|e| e.into_inner()).insert(name, k.clone());
         Ok(k)
     }

@@ -29,29 +29,27 @@ pub(super) fn cross_entropy_label_smooth_backward(dloss: &Tensor, logits: &Tenso
     Ok(dz)
 }
 
-/// The Gram matrix x x^T [N, N] and the squared row norms [N] of x [N, D].
-fn gram_and_norms(x: &Tensor) -> Result<(Tensor, Tensor)> {
+/// The Gram matrix x x^T [N, N] of x [N, D].
+fn gram(x: &Tensor) -> Result<Tensor> {
     let (n, d) = x.dims2("triplet_soft_margin")?;
     let px = ptr(x)?;
     let (gram, pg) = empty(&[n, n])?;
     gemm(Gemm { batch: 1, m: n, n, k: d, trans_a: false, trans_b: true, alpha: 1.0, beta: 0.0 }, px, px, pg)?;
-    let (sqn, ps) = empty(&[n])?;
-    launch(FILE, "row_sqnorm", warp_grid(n), BLOCK, &[Arg::Ptr(px), Arg::Ptr(ps), int(n), int(d)])?;
-    Ok((gram, sqn))
+    Ok(gram)
 }
 
 pub(super) fn triplet_soft_margin_forward(x: &Tensor, labels: &[usize]) -> Result<Tensor> {
     let n = x.shape()[0];
-    let (gram, sqn) = gram_and_norms(x)?;
+    let gram = gram(x)?;
     let y = cuda::labels(labels)?;
     let (loss, pl) = empty(&[1])?;
-    launch(FILE, "triplet_forward", 1, BLOCK, &[Arg::Ptr(ptr(&gram)?), Arg::Ptr(ptr(&sqn)?), Arg::Ptr(y.ptr()), Arg::Ptr(pl), int(n)])?;
+    launch(FILE, "triplet_forward", 1, BLOCK, &[Arg::Ptr(ptr(&gram)?), Arg::Ptr(y.ptr()), Arg::Ptr(pl), int(n)])?;
     Ok(loss)
 }
 
 pub(super) fn triplet_soft_margin_backward(dloss: &Tensor, x: &Tensor, labels: &[usize]) -> Result<Tensor> {
     let (n, d) = x.dims2("triplet_soft_margin_backward")?;
-    let (gram, sqn) = gram_and_norms(x)?;
+    let gram = gram(x)?;
     let y = cuda::labels(labels)?;
     // Mined indices (int32, in f32-sized slots) and their coefficients.
     let (_pos, pp) = empty(&[n])?;
@@ -65,7 +63,6 @@ pub(super) fn triplet_soft_margin_backward(dloss: &Tensor, x: &Tensor, labels: &
         BLOCK,
         &[
             Arg::Ptr(ptr(&gram)?),
-            Arg::Ptr(ptr(&sqn)?),
             Arg::Ptr(y.ptr()),
             Arg::Ptr(ptr(dloss)?),
             Arg::Ptr(pp),
