@@ -74,7 +74,8 @@ fn expand_into(file: &str, src: &str, seen: &mut HashSet<String>, out: &mut Stri
 
 /// A folder holding cuda_fp16.h for kernels that use half types: $CUDA_INCLUDE_DIR,
 /// $CUDA_HOME/include, $CUDA_PATH/include, /usr/local/cuda/include, then the `nvidia/cu13/include`
-/// of a Python environment's CUDA wheels.
+/// of a Python environment's CUDA wheels (active venv or conda, the python3 on PATH, ~/.local,
+/// /usr, /usr/local, /opt/torch/.venv, /opt/conda).
 pub fn find_include_dir() -> Option<PathBuf> {
     let mut cands: Vec<PathBuf> = Vec::new();
     if let Some(d) = std::env::var_os("CUDA_INCLUDE_DIR") {
@@ -87,6 +88,11 @@ pub fn find_include_dir() -> Option<PathBuf> {
     }
     cands.push("/usr/local/cuda/include".into());
     let mut prefixes: Vec<PathBuf> = ["VIRTUAL_ENV", "CONDA_PREFIX"].iter().filter_map(std::env::var_os).map(PathBuf::from).collect();
+    // The environment of the python3 on PATH (a venv's bin/ or /usr/bin).
+    if let Some(path) = std::env::var_os("PATH") {
+        prefixes
+            .extend(std::env::split_paths(&path).filter(|d| d.join("python3").exists()).filter_map(|d| d.parent().map(Path::to_path_buf)));
+    }
     if let Some(home) = std::env::var_os("HOME") {
         prefixes.push(Path::new(&home).join(".local"));
     }
@@ -232,6 +238,24 @@ mod tests {
     fn entry_points_are_found() {
         let names = entry_points("extern \"C\" __global__ void a(float* x) {}\n__global__ void\nb_c (int n);");
         assert_eq!(names, ["a", "b_c"]);
+    }
+
+    #[test]
+    fn include_dir_comes_from_the_environment_first() {
+        let dir = std::env::temp_dir().join(format!("plr-cuda-include-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let saved = std::env::var_os("CUDA_INCLUDE_DIR");
+        std::env::set_var("CUDA_INCLUDE_DIR", &dir);
+        let without_header = find_include_dir();
+        std::fs::write(dir.join("cuda_fp16.h"), "").unwrap();
+        let with_header = find_include_dir();
+        match saved {
+            Some(v) => std::env::set_var("CUDA_INCLUDE_DIR", v),
+            None => std::env::remove_var("CUDA_INCLUDE_DIR"),
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_ne!(without_header.as_deref(), Some(dir.as_path()), "a folder without cuda_fp16.h is not an include folder");
+        assert_eq!(with_header.as_deref(), Some(dir.as_path()));
     }
 
     #[test]
