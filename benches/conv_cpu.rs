@@ -2,6 +2,11 @@
 //! backward filter, reported in FLOP/s (criterion's "elements" are FLOPs here: 2 per MAC).
 //!
 //! `cargo bench --bench conv_cpu`; `-- --test` runs each benchmark once as a smoke test.
+//!
+//! Outputs above glibc's 32 MiB mmap threshold (conv1's and the 64->256 forward's) are fresh
+//! mappings on every call, so those timings include page faults: on a 2-core VM they doubled the
+//! forward time. Run with `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736` to see the
+//! kernels alone.
 
 use std::hint::black_box;
 use std::time::Duration;
@@ -22,17 +27,18 @@ struct Layer {
     cfg: Conv2dCfg,
 }
 
-const fn layer(name: &'static str, c_in: usize, c_out: usize, k: usize, hw: (usize, usize), stride: usize, padding: usize, groups: usize) -> Layer {
-    Layer { name, c_in, c_out, k, hw, cfg: Conv2dCfg { stride, padding, groups } }
+/// `spg`: (stride, padding, groups).
+const fn layer(name: &'static str, (c_in, c_out): (usize, usize), k: usize, hw: (usize, usize), spg: (usize, usize, usize)) -> Layer {
+    Layer { name, c_in, c_out, k, hw, cfg: Conv2dCfg { stride: spg.0, padding: spg.1, groups: spg.2 } }
 }
 
 const LAYERS: [Layer; 6] = [
-    layer("conv1_7x7s2_3to64_256x128", 3, 64, 7, (256, 128), 2, 3, 1),
-    layer("1x1_64to256_64x32", 64, 256, 1, (64, 32), 1, 0, 1),
-    layer("dw3x3_64_64x32", 64, 64, 3, (64, 32), 1, 1, 64),
-    layer("1x1_256to384_32x16", 256, 384, 1, (32, 16), 1, 0, 1),
-    layer("dw3x3_128_16x8", 128, 128, 3, (16, 8), 1, 1, 128),
-    layer("1x1_384to512_16x8", 384, 512, 1, (16, 8), 1, 0, 1),
+    layer("conv1_7x7s2_3to64_256x128", (3, 64), 7, (256, 128), (2, 3, 1)),
+    layer("1x1_64to256_64x32", (64, 256), 1, (64, 32), (1, 0, 1)),
+    layer("dw3x3_64_64x32", (64, 64), 3, (64, 32), (1, 1, 64)),
+    layer("1x1_256to384_32x16", (256, 384), 1, (32, 16), (1, 0, 1)),
+    layer("dw3x3_128_16x8", (128, 128), 3, (16, 8), (1, 1, 128)),
+    layer("1x1_384to512_16x8", (384, 512), 1, (16, 8), (1, 0, 1)),
 ];
 
 fn bench(c: &mut Criterion) {
@@ -48,7 +54,9 @@ fn bench(c: &mut Criterion) {
         g.throughput(Throughput::Elements(2 * macs as u64));
         g.sample_size(10).warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(3));
         g.bench_function("forward", |b| b.iter(|| conv2d_forward(black_box(&x), &w, None, l.cfg).expect("forward")));
-        g.bench_function("backward_data", |b| b.iter(|| conv2d_backward_data(black_box(&dy), &w, x.shape(), l.cfg).expect("backward data")));
+        g.bench_function("backward_data", |b| {
+            b.iter(|| conv2d_backward_data(black_box(&dy), &w, x.shape(), l.cfg).expect("backward data"))
+        });
         g.bench_function("backward_filter", |b| {
             b.iter(|| conv2d_backward_filter(black_box(&dy), &x, w.shape(), l.cfg).expect("backward filter"))
         });

@@ -12,6 +12,22 @@ type Dims = (usize, usize, usize);
 
 /// Per channel, (sum of a, sum of a b) over every image and position.
 fn channel_sums(a: &[f32], b: &[f32], (n, c, hw): Dims) -> Vec<(f64, f64)> {
+    if hw == 1 {
+        // [N, C]: a channel's values are C apart, so sum whole rows into per-channel accumulators,
+        // blocks of channels in parallel.
+        const BLOCK: usize = 256;
+        let mut sums = vec![(0.0, 0.0); c];
+        sums.par_chunks_mut(BLOCK).enumerate().for_each(|(blk, acc)| {
+            for i in 0..n {
+                let (o, len) = (i * c + blk * BLOCK, acc.len());
+                for ((s, &x), &y) in acc.iter_mut().zip(&a[o..o + len]).zip(&b[o..o + len]) {
+                    s.0 += x as f64;
+                    s.1 += x as f64 * y as f64;
+                }
+            }
+        });
+        return sums;
+    }
     (0..c)
         .into_par_iter()
         .map(|ch| {
@@ -25,12 +41,21 @@ fn channel_sums(a: &[f32], b: &[f32], (n, c, hw): Dims) -> Vec<(f64, f64)> {
 }
 
 /// A new tensor of `len` values (input layout) filled plane by plane in parallel:
-/// `f(channel, offset of the plane, plane)`.
-fn map_planes(len: usize, (_, c, hw): Dims, f: impl Fn(usize, usize, &mut [f32]) + Sync) -> Vec<f32> {
+/// `f(channel, offset of the plane, plane)`. One task per image when there are enough images, so
+/// that one-value planes ([N, C] inputs) are not tasks of their own.
+fn map_planes(len: usize, (n, c, hw): Dims, f: impl Fn(usize, usize, &mut [f32]) + Sync) -> Vec<f32> {
     let mut out = vec![0f32; len];
-    if hw > 0 {
-        // [N, C] inputs have one-value planes: hand them to threads in batches.
-        out.par_chunks_mut(hw).with_min_len((4096 / hw).max(1)).enumerate().for_each(|(p, o)| f(p % c, p * hw, o));
+    if hw == 0 || c == 0 {
+        return out;
+    }
+    if n >= rayon::current_num_threads() {
+        out.par_chunks_mut(c * hw).enumerate().for_each(|(i, oi)| {
+            for (ch, o) in oi.chunks_mut(hw).enumerate() {
+                f(ch, (i * c + ch) * hw, o);
+            }
+        });
+    } else {
+        out.par_chunks_mut(hw).enumerate().for_each(|(p, o)| f(p % c, p * hw, o));
     }
     out
 }
@@ -80,7 +105,8 @@ pub(super) fn batchnorm_backward_train(
     let sums = channel_sums(dys, xs, dims);
     // dbeta = sum dy; dgamma = sum dy xhat = invstd (sum dy x - mean sum dy).
     let dbeta: Vec<f32> = sums.iter().map(|&(s, _)| s as f32).collect();
-    let dgamma_f64: Vec<f64> = sums.iter().zip(mean.iter().zip(invstd)).map(|(&(s, d), (&mu, &is))| is as f64 * (d - mu as f64 * s)).collect();
+    let dgamma_f64: Vec<f64> =
+        sums.iter().zip(mean.iter().zip(invstd)).map(|(&(s, d), (&mu, &is))| is as f64 * (d - mu as f64 * s)).collect();
     // dx = gamma invstd (dy - dbeta / m - xhat dgamma / m) = a dy + b (x - mean) + c0.
     let coef: Vec<(f32, f32, f32)> = (0..c)
         .map(|ch| {

@@ -53,7 +53,8 @@ fn assert_close(got: &Tensor, want: &[f64], tol: f64, what: &str) {
 /// Gradients of sum(BN(x, gamma, beta) * r) by f64 central differences of `reference_forward`:
 /// an independent, precise check of the backward formulas.
 fn reference_grads(x: &[f64], shape: &[usize], gamma: &[f64], beta: &[f64], r: &[f64], running: Option<(&[f64], &[f64])>) -> [Vec<f64>; 3] {
-    let phi = |x: &[f64], g: &[f64], b: &[f64]| -> f64 { reference_forward(x, shape, g, b, running).iter().zip(r).map(|(y, r)| y * r).sum() };
+    let phi =
+        |x: &[f64], g: &[f64], b: &[f64]| -> f64 { reference_forward(x, shape, g, b, running).iter().zip(r).map(|(y, r)| y * r).sum() };
     let h = 1e-5;
     let diff = |which: usize, len: usize| -> Vec<f64> {
         (0..len)

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::Conv2dCfg;
 use crate::error::Result;
-use crate::ops::cpu_util::{dot_f32, sum_f64};
+use crate::ops::cpu_util::{avx2_dispatch, dot_f32, sum_f64};
 use crate::ops::gemm::sgemm;
 use crate::tensor::{numel, Tensor};
 
@@ -115,11 +115,15 @@ fn im2col(g: &Geom, x: &[f32], col: &mut [f32]) {
                     let xr = &x[ci * hw + iy * g.w..][..g.w];
                     r[..lo].fill(0.0);
                     r[hi..].fill(0.0);
+                    if lo == hi {
+                        continue;
+                    }
+                    let src = &xr[lo * g.stride + b - g.pad..];
                     if g.stride == 1 {
-                        r[lo..hi].copy_from_slice(&xr[lo + b - g.pad..hi + b - g.pad]);
+                        r[lo..hi].copy_from_slice(&src[..hi - lo]);
                     } else {
-                        for (ox, v) in r.iter_mut().enumerate().take(hi).skip(lo) {
-                            *v = xr[ox * g.stride + b - g.pad];
+                        for (v, &s) in r[lo..hi].iter_mut().zip(src.iter().step_by(g.stride)) {
+                            *v = s;
                         }
                     }
                 }
@@ -140,13 +144,17 @@ fn col2im(g: &Geom, col: &[f32], dx: &mut [f32]) {
                     let Some(iy) = input_index(oy, a, g, g.h) else { continue };
                     let r = &row[oy * ow..][..ow];
                     let dxr = &mut dx[ci * hw + iy * g.w..][..g.w];
+                    if lo == hi {
+                        continue;
+                    }
+                    let dst = &mut dxr[lo * g.stride + b - g.pad..];
                     if g.stride == 1 {
-                        for (d, &v) in dxr[lo + b - g.pad..hi + b - g.pad].iter_mut().zip(&r[lo..hi]) {
+                        for (d, &v) in dst.iter_mut().zip(&r[lo..hi]) {
                             *d += v;
                         }
                     } else {
-                        for (ox, &v) in r.iter().enumerate().take(hi).skip(lo) {
-                            dxr[ox * g.stride + b - g.pad] += v;
+                        for (d, &v) in dst.iter_mut().step_by(g.stride).zip(&r[lo..hi]) {
+                            *d += v;
                         }
                     }
                 }
@@ -174,7 +182,8 @@ fn for_each_image(out: &mut [f32], chunk: usize, col_len: usize, f: impl Fn(usiz
 /// Scratch of the 3x3 stride-1 pad-1 depthwise kernels: two zero-bordered (h + 2) x (w + 2)
 /// planes. With the border in memory every tap is a constant offset in the flattened plane, so a
 /// kernel is one long vectorisable loop per plane rather than short loops per row (OSNet's rows
-/// are 8 to 32 wide). Only interiors are ever written: the borders stay zero from plane to plane.
+/// are 8 to 32 wide). An instance serves one kernel: `convolve` (`a` padded input, `b` output) or
+/// `filter_grad` (`a` and `b` padded x and dy), which only writes interiors, so borders stay zero.
 struct Padded3x3 {
     h: usize,
     w: usize,
@@ -210,13 +219,9 @@ impl Padded3x3 {
         let (h, w) = (self.h, self.w);
         let (q0, q1) = self.range();
         Self::load(&mut self.a, x, h, w);
-        let [s0, s1, s2, s3, s4, s5, s6, s7, s8] = self.tap_starts().map(|o| &self.a[o..o + (q1 - q0)]);
+        let starts = self.tap_starts();
         let out = &mut self.b[..q1 - q0];
-        for q in 0..out.len() {
-            out[q] = (wt[0] * s0[q] + wt[1] * s1[q] + wt[2] * s2[q])
-                + (wt[3] * s3[q] + wt[4] * s4[q] + wt[5] * s5[q])
-                + (wt[6] * s6[q] + wt[7] * s7[q] + wt[8] * s8[q]);
-        }
+        taps3x3(&self.a, starts, wt, out);
         // Output (i, j) sits at padded position q0 + i (w + 2) + j.
         for i in 0..h {
             for (o, &v) in y[i * w..][..w].iter_mut().zip(&out[i * (w + 2)..]) {
@@ -234,6 +239,19 @@ impl Padded3x3 {
         // dy's zero border cancels the products that fall outside the input.
         for (d, o) in dwt.iter_mut().zip(self.tap_starts()) {
             *d += dot_f32(&self.b[q0..q1], &self.a[o..o + (q1 - q0)]);
+        }
+    }
+}
+
+avx2_dispatch! {
+    /// out[q] = sum over taps t of wt[t] src[starts[t] + q].
+    fn taps3x3(src: &[f32], starts: [usize; 9], wt: &[f32], out: &mut [f32]) {
+        let n = out.len();
+        let [s0, s1, s2, s3, s4, s5, s6, s7, s8] = starts.map(|o| &src[o..o + n]);
+        for q in 0..n {
+            out[q] = (wt[0] * s0[q] + wt[1] * s1[q] + wt[2] * s2[q])
+                + (wt[3] * s3[q] + wt[4] * s4[q] + wt[5] * s5[q])
+                + (wt[6] * s6[q] + wt[7] * s7[q] + wt[8] * s8[q]);
         }
     }
 }
@@ -440,6 +458,7 @@ pub(super) fn conv2d_backward_bias(dy: &Tensor) -> Result<Tensor> {
     let (n, c, h, w) = dy.dims4("conv2d_backward_bias")?;
     let dys = dy.cpu_slice()?;
     let hw = h * w;
-    let db: Vec<f32> = (0..c).into_par_iter().map(|ch| (0..n).map(|i| sum_f64(&dys[(i * c + ch) * hw..][..hw])).sum::<f64>() as f32).collect();
+    let db: Vec<f32> =
+        (0..c).into_par_iter().map(|ch| (0..n).map(|i| sum_f64(&dys[(i * c + ch) * hw..][..hw])).sum::<f64>() as f32).collect();
     Tensor::from_vec(db, &[c])
 }

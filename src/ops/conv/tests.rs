@@ -72,8 +72,9 @@ struct Case {
     bias: bool,
 }
 
-fn case(name: &'static str, x: [usize; 4], cout: usize, k: usize, stride: usize, padding: usize, groups: usize, bias: bool) -> Case {
-    Case { name, x, cout, k, cfg: Conv2dCfg::new(stride, padding, groups), bias }
+/// `spg`: (stride, padding, groups).
+fn case(name: &'static str, x: [usize; 4], cout: usize, k: usize, spg: (usize, usize, usize), bias: bool) -> Case {
+    Case { name, x, cout, k, cfg: Conv2dCfg::new(spg.0, spg.1, spg.2), bias }
 }
 
 /// Every code path: pointwise (with and without groups, 1x1 on 1x1 maps as in the gates),
@@ -81,23 +82,23 @@ fn case(name: &'static str, x: [usize; 4], cout: usize, k: usize, stride: usize,
 /// depthwise with stride or another kernel (the generic direct loops).
 fn cases() -> Vec<Case> {
     vec![
-        case("1x1", [2, 5, 6, 7], 4, 1, 1, 0, 1, false),
-        case("1x1 bias", [3, 6, 5, 3], 7, 1, 1, 0, 1, true),
-        case("1x1 on 1x1 maps, bias", [4, 8, 1, 1], 3, 1, 1, 0, 1, true),
-        case("1x1 groups 2", [2, 6, 4, 5], 4, 1, 1, 0, 2, false),
-        case("1x1 stride 2", [2, 3, 7, 6], 4, 1, 2, 0, 1, true),
-        case("3x3 pad 1", [2, 3, 6, 5], 4, 3, 1, 1, 1, false),
-        case("3x3 pad 1 bias", [3, 4, 5, 7], 5, 3, 1, 1, 1, true),
-        case("7x7 stride 2 pad 3", [2, 3, 12, 9], 4, 7, 2, 3, 1, false),
-        case("3x3 stride 2 pad 1", [2, 4, 7, 6], 3, 3, 2, 1, 1, true),
-        case("3x3 groups 2", [2, 4, 5, 6], 6, 3, 1, 1, 2, true),
-        case("5x5 no pad", [1, 2, 7, 8], 3, 5, 1, 0, 1, false),
-        case("depthwise 3x3", [2, 4, 6, 5], 4, 3, 1, 1, 4, false),
-        case("depthwise 3x3 bias", [3, 3, 4, 7], 3, 3, 1, 1, 3, true),
-        case("depthwise 3x3 one row", [2, 2, 1, 4], 2, 3, 1, 1, 2, false),
-        case("depthwise 3x3 one column", [2, 2, 5, 1], 2, 3, 1, 1, 2, false),
-        case("depthwise 3x3 stride 2", [2, 3, 7, 6], 3, 3, 2, 1, 3, true),
-        case("depthwise 5x5 pad 2", [1, 2, 6, 7], 2, 5, 1, 2, 2, false),
+        case("1x1", [2, 5, 6, 7], 4, 1, (1, 0, 1), false),
+        case("1x1 bias", [3, 6, 5, 3], 7, 1, (1, 0, 1), true),
+        case("1x1 on 1x1 maps, bias", [4, 8, 1, 1], 3, 1, (1, 0, 1), true),
+        case("1x1 groups 2", [2, 6, 4, 5], 4, 1, (1, 0, 2), false),
+        case("1x1 stride 2", [2, 3, 7, 6], 4, 1, (2, 0, 1), true),
+        case("3x3 pad 1", [2, 3, 6, 5], 4, 3, (1, 1, 1), false),
+        case("3x3 pad 1 bias", [3, 4, 5, 7], 5, 3, (1, 1, 1), true),
+        case("7x7 stride 2 pad 3", [2, 3, 12, 9], 4, 7, (2, 3, 1), false),
+        case("3x3 stride 2 pad 1", [2, 4, 7, 6], 3, 3, (2, 1, 1), true),
+        case("3x3 groups 2", [2, 4, 5, 6], 6, 3, (1, 1, 2), true),
+        case("5x5 no pad", [1, 2, 7, 8], 3, 5, (1, 0, 1), false),
+        case("depthwise 3x3", [2, 4, 6, 5], 4, 3, (1, 1, 4), false),
+        case("depthwise 3x3 bias", [3, 3, 4, 7], 3, 3, (1, 1, 3), true),
+        case("depthwise 3x3 one row", [2, 2, 1, 4], 2, 3, (1, 1, 2), false),
+        case("depthwise 3x3 one column", [2, 2, 5, 1], 2, 3, (1, 1, 2), false),
+        case("depthwise 3x3 stride 2", [2, 3, 7, 6], 3, 3, (2, 1, 3), true),
+        case("depthwise 5x5 pad 2", [1, 2, 6, 7], 2, 5, (1, 2, 2), false),
     ]
 }
 
@@ -109,11 +110,7 @@ struct Inputs {
 
 fn inputs(c: &Case, rng: &mut Rng) -> Inputs {
     let w_shape = [c.cout, c.x[1] / c.cfg.groups, c.k, c.k];
-    Inputs {
-        x: Tensor::randn(&c.x, 1.0, rng),
-        w: Tensor::randn(&w_shape, 1.0, rng),
-        b: c.bias.then(|| Tensor::randn(&[c.cout], 1.0, rng)),
-    }
+    Inputs { x: Tensor::randn(&c.x, 1.0, rng), w: Tensor::randn(&w_shape, 1.0, rng), b: c.bias.then(|| Tensor::randn(&[c.cout], 1.0, rng)) }
 }
 
 #[test]
@@ -137,10 +134,10 @@ fn forward_and_backward_match_direct_loops() {
 fn larger_batches_match_direct_loops() {
     let mut rng = Rng::new(2);
     for c in [
-        case("1x1 batch 5", [5, 16, 12, 8], 24, 1, 1, 0, 1, false),
-        case("1x1 batch 1", [1, 32, 16, 8], 48, 1, 1, 0, 1, true),
-        case("7x7/2 batch 1", [1, 3, 24, 16], 8, 7, 2, 3, 1, false),
-        case("depthwise batch 5", [5, 8, 16, 8], 8, 3, 1, 1, 8, false),
+        case("1x1 batch 5", [5, 16, 12, 8], 24, 1, (1, 0, 1), false),
+        case("1x1 batch 1", [1, 32, 16, 8], 48, 1, (1, 0, 1), true),
+        case("7x7/2 batch 1", [1, 3, 24, 16], 8, 7, (2, 3, 1), false),
+        case("depthwise batch 5", [5, 8, 16, 8], 8, 3, (1, 1, 8), false),
     ] {
         let t = inputs(&c, &mut rng);
         let y = conv2d_forward(&t.x, &t.w, t.b.as_ref(), c.cfg).unwrap();
@@ -160,11 +157,8 @@ fn gradients_match_finite_differences() {
         let cfg = c.cfg;
         let mut all = vec![t.x.clone(), t.w.clone()];
         all.extend(t.b.clone());
-        let check = gradcheck(
-            &all,
-            |tape: &mut Tape, v| tape.conv2d(&v[0], &v[1], v.get(2), cfg),
-            GradCheck { tol: 5e-3, ..GradCheck::default() },
-        );
+        let check =
+            gradcheck(&all, |tape: &mut Tape, v| tape.conv2d(&v[0], &v[1], v.get(2), cfg), GradCheck { tol: 5e-3, ..GradCheck::default() });
         check.unwrap_or_else(|e| panic!("{}: {e}", c.name));
     }
 }

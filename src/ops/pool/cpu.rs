@@ -1,5 +1,7 @@
 //! CPU pooling, parallel over (image, channel) planes.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::Pool2dCfg;
@@ -7,31 +9,129 @@ use crate::error::{Error, Result};
 use crate::ops::cpu_util::sum_f64;
 use crate::tensor::{numel, Tensor};
 
-/// Input rows (or columns) [lo, hi) of window `o`: padding is the part of the window outside.
-fn window(o: usize, cfg: Pool2dCfg, len: usize) -> (usize, usize) {
+/// Input rows (or columns) of window `o`: padding is the part of the window outside.
+fn window(o: usize, cfg: Pool2dCfg, len: usize) -> Range<usize> {
     let start = o * cfg.stride;
-    (start.saturating_sub(cfg.padding), (start + cfg.kernel).saturating_sub(cfg.padding).min(len))
+    start.saturating_sub(cfg.padding)..(start + cfg.kernel).saturating_sub(cfg.padding).min(len)
 }
 
-/// Index and value of the first maximum in scan order (a NaN wins, as in PyTorch); starts at the
-/// first index with -inf, so an all -inf range keeps its first index.
-fn first_max(indices: impl Iterator<Item = usize>, x: &[f32]) -> (usize, f32) {
-    let mut best = (usize::MAX, f32::NEG_INFINITY);
-    for i in indices {
-        let v = x[i];
-        if best.0 == usize::MAX || v > best.1 || v.is_nan() {
-            best = (i, v);
+/// PyTorch's max-pool scan step: `v` replaces the running maximum `m` if larger or NaN. As a value
+/// this is a NaN-propagating maximum, so windows can be reduced in any order.
+fn nan_max(m: f32, v: f32) -> f32 {
+    if v > m || v.is_nan() {
+        v
+    } else {
+        m
+    }
+}
+
+/// The index PyTorch's scan ends on for a window (rows x cols of a plane of width `w`) whose
+/// maximum is `m`: the first element equal to it in row-major order, or the last NaN. Windows are
+/// never empty: padding is at most half the kernel.
+fn pick_max(x: &[f32], w: usize, rows: Range<usize>, cols: Range<usize>, m: f32) -> usize {
+    if m.is_nan() {
+        let last_nan = rows.rev().find_map(|iy| cols.clone().rev().find(|&ix| x[iy * w + ix].is_nan()).map(|ix| iy * w + ix));
+        return last_nan.expect("a NaN maximum comes from a NaN in the window");
+    }
+    // A minimum over candidates rather than an early exit: which element matches is unpredictable.
+    let mut first = usize::MAX;
+    for iy in rows {
+        for ix in cols.clone() {
+            let i = iy * w + ix;
+            first = first.min(if x[i] == m { i } else { usize::MAX });
         }
     }
-    best
+    first
 }
 
-/// Flat plane index of the first maximum in window (oy, ox); None for a window of padding only.
-fn window_argmax(x: &[f32], (h, w): (usize, usize), oy: usize, ox: usize, cfg: Pool2dCfg) -> Option<(usize, f32)> {
-    let (y0, y1) = window(oy, cfg, h);
-    let (x0, x1) = window(ox, cfg, w);
-    let (i, v) = first_max((y0..y1).flat_map(|iy| (x0..x1).map(move |ix| iy * w + ix)), x);
-    (i != usize::MAX).then_some((i, v))
+/// One plane of a 2-d pool. The kernels are separable: a pass down the window rows, vectorised
+/// along the whole input row, then one along each window's columns. Scanning each window
+/// element by element instead is bound by the latency of its running maximum or sum.
+struct Plane {
+    h: usize,
+    w: usize,
+    oh: usize,
+    ow: usize,
+    cfg: Pool2dCfg,
+}
+
+impl Plane {
+    fn new(x_shape: &[usize], y_shape: &[usize], cfg: Pool2dCfg) -> Plane {
+        Plane { h: x_shape[2], w: x_shape[3], oh: y_shape[2], ow: y_shape[3], cfg }
+    }
+
+    fn rows(&self, oy: usize) -> Range<usize> {
+        window(oy, self.cfg, self.h)
+    }
+
+    fn cols(&self, ox: usize) -> Range<usize> {
+        window(ox, self.cfg, self.w)
+    }
+
+    /// `combine` of the input rows of output row `oy`, column by column, into `acc`.
+    fn reduce_rows(&self, x: &[f32], oy: usize, acc: &mut [f32], combine: impl Fn(f32, f32) -> f32) {
+        let (rows, w) = (self.rows(oy), self.w);
+        acc.copy_from_slice(&x[rows.start * w..][..w]);
+        for iy in rows.start + 1..rows.end {
+            for (a, &v) in acc.iter_mut().zip(&x[iy * w..][..w]) {
+                *a = combine(*a, v);
+            }
+        }
+    }
+
+    fn max(&self, x: &[f32], y: &mut [f32]) {
+        let mut acc = vec![0f32; self.w];
+        for oy in 0..self.oh {
+            self.reduce_rows(x, oy, &mut acc, nan_max);
+            for (ox, v) in y[oy * self.ow..][..self.ow].iter_mut().enumerate() {
+                *v = acc[self.cols(ox)].iter().fold(f32::NEG_INFINITY, |m, &v| nan_max(m, v));
+            }
+        }
+    }
+
+    /// Adds each dy to the input element PyTorch's scan picks in its window.
+    fn max_backward(&self, x: &[f32], dy: &[f32], dx: &mut [f32]) {
+        let mut m = vec![0f32; self.oh * self.ow];
+        self.max(x, &mut m);
+        for oy in 0..self.oh {
+            for ox in 0..self.ow {
+                let o = oy * self.ow + ox;
+                dx[pick_max(x, self.w, self.rows(oy), self.cols(ox), m[o])] += dy[o];
+            }
+        }
+    }
+
+    /// count_include_pad: padding counts as zeros, so every window divides by kernel^2.
+    fn inv_count(&self) -> f32 {
+        1.0 / (self.cfg.kernel * self.cfg.kernel) as f32
+    }
+
+    fn avg(&self, x: &[f32], y: &mut [f32]) {
+        let (mut acc, inv) = (vec![0f32; self.w], self.inv_count());
+        for oy in 0..self.oh {
+            self.reduce_rows(x, oy, &mut acc, |a, v| a + v);
+            for (ox, v) in y[oy * self.ow..][..self.ow].iter_mut().enumerate() {
+                *v = acc[self.cols(ox)].iter().sum::<f32>() * inv;
+            }
+        }
+    }
+
+    fn avg_backward(&self, dy: &[f32], dx: &mut [f32]) {
+        let (mut acc, inv, w) = (vec![0f32; self.w], self.inv_count(), self.w);
+        for oy in 0..self.oh {
+            // The gradient one output row sends to each input column, then to every row of its windows.
+            acc.fill(0.0);
+            for ox in 0..self.ow {
+                let d = dy[oy * self.ow + ox] * inv;
+                acc[self.cols(ox)].iter_mut().for_each(|a| *a += d);
+            }
+            for iy in self.rows(oy) {
+                for (g, &a) in dx[iy * w..][..w].iter_mut().zip(&acc) {
+                    *g += a;
+                }
+            }
+        }
+    }
 }
 
 /// A zeroed buffer of `len` values filled plane by plane in parallel: `f(plane index, plane)`.
@@ -53,66 +153,38 @@ fn plane_dims(op: &'static str, shape: &[usize]) -> Result<(usize, usize)> {
 }
 
 pub(super) fn max_pool2d_forward(x: &Tensor, cfg: Pool2dCfg, y_shape: &[usize; 4]) -> Result<Tensor> {
-    let hw = plane_dims("max_pool2d_forward", x.shape())?;
+    plane_dims("max_pool2d_forward", x.shape())?;
     let xs = x.cpu_slice()?;
-    let (oh, ow) = (y_shape[2], y_shape[3]);
-    let plane = hw.0 * hw.1;
-    let y = map_planes(numel(y_shape), oh * ow, |p, yp| {
-        let xp = &xs[p * plane..][..plane];
-        for (o, v) in yp.iter_mut().enumerate() {
-            *v = window_argmax(xp, hw, o / ow, o % ow, cfg).map_or(f32::NEG_INFINITY, |m| m.1);
-        }
-    });
+    let pl = Plane::new(x.shape(), y_shape, cfg);
+    let (x_len, y_len) = (pl.h * pl.w, pl.oh * pl.ow);
+    let y = map_planes(numel(y_shape), y_len, |p, yp| pl.max(&xs[p * x_len..][..x_len], yp));
     Tensor::from_vec(y, y_shape)
 }
 
 pub(super) fn max_pool2d_backward(dy: &Tensor, x: &Tensor, cfg: Pool2dCfg) -> Result<Tensor> {
-    let hw = plane_dims("max_pool2d_backward", x.shape())?;
+    plane_dims("max_pool2d_backward", x.shape())?;
     let (dys, xs) = (dy.cpu_slice()?, x.cpu_slice()?);
-    let (oh, ow) = (dy.shape()[2], dy.shape()[3]);
-    let plane = hw.0 * hw.1;
-    let dx = map_planes(xs.len(), plane, |p, dxp| {
-        let xp = &xs[p * plane..][..plane];
-        for (o, &d) in dys[p * oh * ow..][..oh * ow].iter().enumerate() {
-            if let Some((i, _)) = window_argmax(xp, hw, o / ow, o % ow, cfg) {
-                dxp[i] += d;
-            }
-        }
-    });
+    let pl = Plane::new(x.shape(), dy.shape(), cfg);
+    let (x_len, y_len) = (pl.h * pl.w, pl.oh * pl.ow);
+    let dx = map_planes(xs.len(), x_len, |p, dxp| pl.max_backward(&xs[p * x_len..][..x_len], &dys[p * y_len..][..y_len], dxp));
     Tensor::from_vec(dx, x.shape())
 }
 
 pub(super) fn avg_pool2d_forward(x: &Tensor, cfg: Pool2dCfg, y_shape: &[usize; 4]) -> Result<Tensor> {
-    let (h, w) = plane_dims("avg_pool2d_forward", x.shape())?;
+    plane_dims("avg_pool2d_forward", x.shape())?;
     let xs = x.cpu_slice()?;
-    let (oh, ow) = (y_shape[2], y_shape[3]);
-    // count_include_pad: padding counts as zeros, so every window divides by kernel^2.
-    let inv = 1.0 / (cfg.kernel * cfg.kernel) as f32;
-    let y = map_planes(numel(y_shape), oh * ow, |p, yp| {
-        let xp = &xs[p * h * w..][..h * w];
-        for (o, v) in yp.iter_mut().enumerate() {
-            let (y0, y1) = window(o / ow, cfg, h);
-            let (x0, x1) = window(o % ow, cfg, w);
-            *v = (y0..y1).map(|iy| xp[iy * w + x0..iy * w + x1].iter().sum::<f32>()).sum::<f32>() * inv;
-        }
-    });
+    let pl = Plane::new(x.shape(), y_shape, cfg);
+    let (x_len, y_len) = (pl.h * pl.w, pl.oh * pl.ow);
+    let y = map_planes(numel(y_shape), y_len, |p, yp| pl.avg(&xs[p * x_len..][..x_len], yp));
     Tensor::from_vec(y, y_shape)
 }
 
 pub(super) fn avg_pool2d_backward(dy: &Tensor, x_shape: &[usize], cfg: Pool2dCfg) -> Result<Tensor> {
-    let (h, w) = plane_dims("avg_pool2d_backward", x_shape)?;
+    plane_dims("avg_pool2d_backward", x_shape)?;
     let dys = dy.cpu_slice()?;
-    let (oh, ow) = (dy.shape()[2], dy.shape()[3]);
-    let inv = 1.0 / (cfg.kernel * cfg.kernel) as f32;
-    let dx = map_planes(numel(x_shape), h * w, |p, dxp| {
-        for (o, &d) in dys[p * oh * ow..][..oh * ow].iter().enumerate() {
-            let (y0, y1) = window(o / ow, cfg, h);
-            let (x0, x1) = window(o % ow, cfg, w);
-            for iy in y0..y1 {
-                dxp[iy * w + x0..iy * w + x1].iter_mut().for_each(|v| *v += d * inv);
-            }
-        }
-    });
+    let pl = Plane::new(x_shape, dy.shape(), cfg);
+    let (x_len, y_len) = (pl.h * pl.w, pl.oh * pl.ow);
+    let dx = map_planes(numel(x_shape), x_len, |p, dxp| pl.avg_backward(&dys[p * y_len..][..y_len], dxp));
     Tensor::from_vec(dx, x_shape)
 }
 
@@ -134,7 +206,7 @@ pub(super) fn global_avg_pool_backward(dy: &Tensor, x_shape: &[usize]) -> Result
 pub(super) fn global_max_pool_forward(x: &Tensor) -> Result<Tensor> {
     let (h, w) = plane_dims("global_max_pool_forward", x.shape())?;
     let xs = x.cpu_slice()?;
-    let y: Vec<f32> = xs.par_chunks(h * w).map(|p| first_max(0..p.len(), p).1).collect();
+    let y: Vec<f32> = xs.par_chunks(h * w).map(|p| p.iter().fold(f32::NEG_INFINITY, |m, &v| nan_max(m, v))).collect();
     Tensor::from_vec(y, &[x.shape()[0], x.shape()[1], 1, 1])
 }
 
@@ -142,7 +214,10 @@ pub(super) fn global_max_pool_backward(dy: &Tensor, x: &Tensor) -> Result<Tensor
     let (h, w) = plane_dims("global_max_pool_backward", x.shape())?;
     let (dys, xs) = (dy.cpu_slice()?, x.cpu_slice()?);
     let plane = h * w;
-    let dx = map_planes(xs.len(), plane, |p, dxp| dxp[first_max(0..plane, &xs[p * plane..][..plane]).0] = dys[p]);
+    let dx = map_planes(xs.len(), plane, |p, dxp| {
+        let xp = &xs[p * plane..][..plane];
+        dxp[pick_max(xp, w, 0..h, 0..w, xp.iter().fold(f32::NEG_INFINITY, |m, &v| nan_max(m, v)))] = dys[p];
+    });
     Tensor::from_vec(dx, x.shape())
 }
 

@@ -95,7 +95,7 @@ fn max_and_avg_pool_match_direct_loops() {
 }
 
 /// Hand-checked values: padding counts in the average's divisor, ties go to the first element,
-/// -inf padding never wins over negative values.
+/// -inf padding never wins over negative values, NaNs propagate.
 #[test]
 fn padding_and_ties_by_hand() {
     let x = Tensor::from_vec(vec![-1.0, -2.0, -3.0, -4.0], &[1, 1, 2, 2]).unwrap();
@@ -107,6 +107,12 @@ fn padding_and_ties_by_hand() {
     let dx = max_pool2d_backward(&dy, &ties, Pool2dCfg::new(2, 2, 0)).unwrap();
     assert_eq!(dx.to_vec().unwrap(), vec![0.0, 1.0, 0.0, 0.0]);
     assert_eq!(global_max_pool_backward(&dy, &ties).unwrap().to_vec().unwrap(), vec![0.0, 1.0, 0.0, 0.0]);
+    // A NaN wins and keeps winning against larger numbers; PyTorch's scan ends on the last NaN.
+    let nans = Tensor::from_vec(vec![f32::NAN, 7.0, f32::NAN, 9.0], &[1, 1, 2, 2]).unwrap();
+    assert!(max_pool2d_forward(&nans, Pool2dCfg::new(2, 2, 0)).unwrap().item().unwrap().is_nan());
+    assert!(global_max_pool_forward(&nans).unwrap().item().unwrap().is_nan());
+    assert_eq!(max_pool2d_backward(&dy, &nans, Pool2dCfg::new(2, 2, 0)).unwrap().to_vec().unwrap(), vec![0.0, 0.0, 1.0, 0.0]);
+    assert_eq!(global_max_pool_backward(&dy, &nans).unwrap().to_vec().unwrap(), vec![0.0, 0.0, 1.0, 0.0]);
 }
 
 #[test]
