@@ -48,9 +48,12 @@ __device__ double block_sum_d(double v, double* scratch) {
     return scratch[0];
 }
 
-// Keeps the larger value; on equal values the smaller index (the first maximum, PyTorch's rule).
+// Keeps the larger value; on equal values the smaller index (the first maximum). A NaN beats every
+// number and the later NaN wins, as in PyTorch's max-pool scan. A total order on (value, index), so
+// the result does not depend on the merge order.
 __device__ __forceinline__ void argmax_merge(float& v, int& i, float ov, int oi) {
-    if (ov > v || (ov == v && oi < i)) {
+    const bool nan = v != v, onan = ov != ov;
+    if (onan ? (!nan || oi > i) : (!nan && (ov > v || (ov == v && oi < i)))) {
         v = ov;
         i = oi;
     }

@@ -286,6 +286,43 @@ fn global_and_stripe_pools() {
     }
 }
 
+/// NaN propagates through max pools as in PyTorch, and the gradient goes to the last NaN.
+#[test]
+fn max_pools_propagate_nan() {
+    if !gpu("max_pools_propagate_nan") {
+        return;
+    }
+    let mut rng = Rng::new(19);
+    let xs = [2, 3, 6, 5];
+    let mut x = randn(&xs, &mut rng).to_vec().unwrap();
+    for i in [7, 8, 33, 95, 96] {
+        x[i] = f32::NAN;
+    }
+    let x = Tensor::from_vec(x, &xs).unwrap();
+    let cfg = Pool2dCfg::new(3, 2, 1);
+    let y_shape = pool::pool2d_output_shape("test", &xs, cfg).unwrap();
+    let (dy, dg) = (randn(&y_shape, &mut rng), randn(&[2, 3, 1, 1], &mut rng));
+    let run = |x: &Tensor, dy: &Tensor, dg: &Tensor| -> Vec<Vec<f32>> {
+        [
+            pool::max_pool2d_forward(x, cfg).unwrap(),
+            pool::max_pool2d_backward(dy, x, cfg).unwrap(),
+            pool::global_max_pool_forward(x).unwrap(),
+            pool::global_max_pool_backward(dg, x).unwrap(),
+        ]
+        .iter()
+        .map(|t| t.to_vec().unwrap())
+        .collect()
+    };
+    let cuda = |t: &Tensor| t.to_device(Device::Cuda).unwrap();
+    let (on_cpu, on_gpu) = (run(&x, &dy, &dg), run(&cuda(&x), &cuda(&dy), &cuda(&dg)));
+    for (k, (a, b)) in on_cpu.iter().zip(&on_gpu).enumerate() {
+        assert!(a.iter().any(|v| v.is_nan()) || k % 2 == 1, "output {k} should hold a NaN");
+        for (i, (u, v)) in a.iter().zip(b).enumerate() {
+            assert!((u.is_nan() && v.is_nan()) || (u - v).abs() <= 1e-6 * u.abs().max(1.0), "output {k}[{i}]: cpu {u}, gpu {v}");
+        }
+    }
+}
+
 #[test]
 fn linear_layer() {
     if !gpu("linear_layer") {
