@@ -1,5 +1,69 @@
-// Shared helpers for every kernel family. NVRTC compiles each .cu file on its own with this
-// header available by name.
+// Shared helpers for every kernel family. The Rust side pastes this header into each .cu file
+// before NVRTC compiles it (NVRTC cannot open it by path). No CUDA headers are needed.
 #pragma once
 
 #define CEIL_DIV(a, b) (((a) + (b) - 1) / (b))
+
+// Grid-stride loop over [0, n); 64-bit so the stride never overflows.
+#define GRID_STRIDE(i, n) \
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < (long long)(n); i += (long long)blockDim.x * gridDim.x)
+
+#define NEG_INF __int_as_float(0xff800000)
+
+// Per-dimension sizes or strides, passed by value (Rust: [i32; 8]).
+struct Dims8 {
+    int v[8];
+};
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ double warp_sum_d(double v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// Sum over the whole block, returned to every thread. blockDim.x must be a multiple of 32 (at most
+// 1024) and every thread must call it. `scratch` is 32 doubles of shared memory; the leading
+// barrier makes back-to-back calls with the same scratch safe. Fixed order: deterministic.
+__device__ double block_sum_d(double v, double* scratch) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+    v = warp_sum_d(v);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        double t = lane < nwarps ? scratch[lane] : 0.0;
+        t = warp_sum_d(t);
+        if (lane == 0) scratch[0] = t;
+    }
+    __syncthreads();
+    return scratch[0];
+}
+
+// Keeps the larger value; on equal values the smaller index (the first maximum). A NaN beats every
+// number and the later NaN wins, as in PyTorch's max-pool scan. A total order on (value, index), so
+// the result does not depend on the merge order.
+__device__ __forceinline__ void argmax_merge(float& v, int& i, float ov, int oi) {
+    const bool nan = v != v, onan = ov != ov;
+    if (onan ? (!nan || oi > i) : (!nan && (ov > v || (ov == v && oi < i)))) {
+        v = ov;
+        i = oi;
+    }
+}
+
+// Warp-wide first maximum: every lane ends with the warp's (value, index).
+__device__ __forceinline__ void warp_argmax(float& v, int& i) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float ov = __shfl_xor_sync(0xffffffffu, v, o);
+        int oi = __shfl_xor_sync(0xffffffffu, i, o);
+        argmax_merge(v, i, ov, oi);
+    }
+}

@@ -22,3 +22,7 @@ pub use error::{Error, Result};
 pub use params::{ParamId, ParamStore};
 pub use tape::{Grads, Tape, Var};
 pub use tensor::{DType, Device, Tensor};
+
+// Activations are large and short-lived: glibc would mmap and page-fault them on every step.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;

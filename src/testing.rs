@@ -106,3 +106,17 @@ pub fn gradcheck(inputs: &[Tensor], f: impl Fn(&mut Tape, &[Var]) -> Result<Var>
     }
     Ok(())
 }
+
+/// Whether a GPU test can run. Without a usable GPU it prints the test's one `SKIP: <test>: <reason>`
+/// line and returns false, unless PLR_REQUIRE_GPU=1 (set by scripts/gpu-test.sh on the GPU
+/// machine), where a missing GPU is a failure instead of a silent pass.
+pub fn cuda_or_skip(test: &str) -> bool {
+    match crate::cuda::probe() {
+        Ok(()) => true,
+        Err(why) if std::env::var("PLR_REQUIRE_GPU").is_ok_and(|v| v == "1") => panic!("{test}: PLR_REQUIRE_GPU=1 but {why}"),
+        Err(why) => {
+            println!("SKIP: {test}: {why}");
+            false
+        }
+    }
+}

@@ -1,37 +1,215 @@
-//! The CUDA backend. Placeholder until the CUDA issue lands: every entry point reports that CUDA is
-//! not available, so `Device::Cuda` tensors cannot be created yet.
+//! The CUDA backend: one lazily created global context on GPU 0 with one stream, a cuBLAS handle,
+//! the NVRTC kernel cache and a caching allocator; cuDNN handles are per thread (`cudnn.rs`).
+//!
+//! Every CUDA library is dlopened by cudarc on first use and a missing one panics inside cudarc, so
+//! `probe` checks that each is present before anything touches it. The engine uses a single
+//! stream, so work from several threads is ordered by submission and a freed buffer can be handed
+//! to the next allocation at once; cudarc's per-buffer event tracking is switched off.
+
+mod alloc;
+pub(crate) mod cublas;
+pub(crate) mod cudnn;
+pub mod nvrtc;
+pub mod optim;
+
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+
+use cudarc::driver::{CudaContext, CudaStream, LaunchConfig, PushKernelArg};
 
 use crate::error::{Error, Result};
+use crate::tensor::{Storage, Tensor};
 
-/// A device buffer of f32 values.
-pub struct CudaBuffer {
-    len: usize,
+pub use alloc::{memory_stats, peak_memory_bytes, reset_peak_memory, CudaBuffer, MemoryStats};
+
+pub(crate) struct Backend {
+    pub(crate) ctx: Arc<CudaContext>,
+    pub(crate) stream: Arc<CudaStream>,
+    pub(crate) blas: Mutex<cublas::Blas>,
+    kernels: nvrtc::KernelCache,
+    pub(crate) pool: alloc::Pool,
 }
 
-pub(crate) fn unavailable<T>() -> Result<T> {
-    Err(Error::Cuda("the CUDA backend is not built into this version".into()))
-}
+static BACKEND: OnceLock<std::result::Result<Backend, String>> = OnceLock::new();
 
-impl CudaBuffer {
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-    pub fn from_host(_data: &[f32]) -> Result<CudaBuffer> {
-        unavailable()
-    }
-    pub fn to_host(&self) -> Result<Vec<f32>> {
-        unavailable()
-    }
-    pub fn try_clone(&self) -> Result<CudaBuffer> {
-        unavailable()
+/// The backend, created on first use; an error says why CUDA cannot be used.
+pub(crate) fn backend() -> Result<&'static Backend> {
+    match BACKEND.get_or_init(init) {
+        Ok(b) => Ok(b),
+        Err(e) => Err(Error::Cuda(e.clone())),
     }
 }
 
 /// Checks that a CUDA driver, a GPU and the libraries the engine needs can be used; the error
 /// names what is missing.
 pub fn probe() -> std::result::Result<(), String> {
-    Err("the CUDA backend is not built into this version".into())
+    BACKEND.get_or_init(init).as_ref().map(|_| ()).map_err(Clone::clone)
+}
+
+/// (what, file cudarc loads, whether it can be loaded)
+fn libraries() -> [(&'static str, &'static str, bool); 4] {
+    // SAFETY: each probe only dlopens and closes the library.
+    unsafe {
+        [
+            ("the NVIDIA driver", "libcuda.so.1", cudarc::driver::sys::is_culib_present()),
+            ("NVRTC", "libnvrtc.so.13", cudarc::nvrtc::sys::is_culib_present()),
+            ("cuBLAS", "libcublas.so.13 + libcublasLt.so.13", cudarc::cublas::sys::is_culib_present()),
+            ("cuDNN 9", "libcudnn.so.9", cudarc::cudnn::sys::is_culib_present()),
+        ]
+    }
+}
+
+fn init() -> std::result::Result<Backend, String> {
+    let missing: Vec<String> = libraries().iter().filter(|l| !l.2).map(|l| format!("{} ({})", l.0, l.1)).collect();
+    if !missing.is_empty() {
+        return Err(format!(
+            "CUDA libraries not found: {}. Put their folders on LD_LIBRARY_PATH (scripts/gpu-env.sh finds them in a \
+             PyTorch pip install) and, for kernels using half types, CUDA_INCLUDE_DIR on a folder with cuda_fp16.h",
+            missing.join(", ")
+        ));
+    }
+    // cudarc panics instead of returning errors in a few places (a symbol missing from an old
+    // library); turn that into an error too.
+    std::panic::catch_unwind(init_unchecked).unwrap_or_else(|p| {
+        let msg = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+        Err(format!("CUDA initialisation panicked: {}", msg.unwrap_or_default()))
+    })
+}
+
+fn init_unchecked() -> std::result::Result<Backend, String> {
+    let ctx = CudaContext::new(0).map_err(|e| format!("no usable GPU: creating a context on device 0 failed ({e:?})"))?;
+    // SAFETY: set before any buffer exists; the engine submits everything to one stream.
+    unsafe { ctx.disable_event_tracking() };
+    let (major, minor) = ctx.compute_capability().map_err(|e| format!("reading the compute capability: {e:?}"))?;
+    let version = cudarc::cudnn::result::get_version();
+    if version / 10000 != 9 {
+        return Err(format!("cuDNN 9 is required, the loaded libcudnn reports version {version}"));
+    }
+    let stream = ctx.new_stream().map_err(|e| format!("creating a stream: {e:?}"))?;
+    let blas = cublas::Blas::new(&stream).map_err(|e| e.to_string())?;
+    Ok(Backend {
+        ctx,
+        stream,
+        blas: Mutex::new(blas),
+        kernels: nvrtc::KernelCache::new(format!("sm_{major}{minor}")),
+        pool: alloc::Pool::default(),
+    })
+}
+
+/// Locks a mutex, ignoring poisoning: the guarded caches stay consistent when a holder panics.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub(crate) fn driver_err(what: &str, e: cudarc::driver::DriverError) -> Error {
+    Error::Cuda(format!("{what}: {e:?}"))
+}
+
+/// Per-dimension sizes or strides passed to a kernel by value (`struct Dims8` in common.cuh).
+pub(crate) const MAX_DIMS: usize = 8;
+
+/// One kernel argument. Device pointers travel as raw addresses.
+pub(crate) enum Arg {
+    Ptr(u64),
+    I32(i32),
+    F32(f32),
+    Dims([i32; MAX_DIMS]),
+}
+
+impl Arg {
+    /// Bytes the kernel parameter occupies.
+    fn size(&self) -> usize {
+        match self {
+            Arg::Ptr(_) => 8,
+            Arg::I32(_) | Arg::F32(_) => 4,
+            Arg::Dims(_) => 4 * MAX_DIMS,
+        }
+    }
+}
+
+/// A usize that an earlier allocation bounded by i32::MAX (every size passed to a kernel is at
+/// most some tensor's element count).
+pub(crate) fn int(v: usize) -> Arg {
+    Arg::I32(v as i32)
+}
+
+pub(crate) const BLOCK: u32 = 256;
+
+/// Blocks for a grid-stride loop over n elements.
+pub(crate) fn grid_for(n: usize) -> u32 {
+    n.div_ceil(BLOCK as usize).min(1 << 20) as u32
+}
+
+/// Blocks of `BLOCK` threads for kernels that give each of n rows (planes, samples) one warp.
+pub(crate) fn warp_grid(n: usize) -> u32 {
+    n.div_ceil(BLOCK as usize / 32) as u32
+}
+
+impl Backend {
+    /// Launches `kernel` of `kernels/<file>` with a 1-d grid; an empty grid launches nothing.
+    pub(crate) fn launch(&self, file: &'static str, kernel: &'static str, grid: u32, block: u32, args: &[Arg]) -> Result<()> {
+        if grid == 0 {
+            return Ok(());
+        }
+        let k = self.kernels.get(&self.ctx, file, kernel)?;
+        if let Some(expected) = &k.param_sizes {
+            let given: Vec<usize> = args.iter().map(Arg::size).collect();
+            if *expected != given {
+                return Err(Error::Cuda(format!(
+                    "{file}: kernel {kernel} takes parameters of {expected:?} bytes, the launcher passed {given:?}"
+                )));
+            }
+        }
+        let mut b = self.stream.launch_builder(&k.func);
+        for a in args {
+            match a {
+                Arg::Ptr(p) => b.arg(p),
+                Arg::I32(v) => b.arg(v),
+                Arg::F32(v) => b.arg(v),
+                Arg::Dims(v) => b.arg(v),
+            };
+        }
+        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
+        // SAFETY: every launcher passes the argument list its kernel declares, with pointers to
+        // live buffers of the sizes the kernel indexes.
+        unsafe { b.launch(cfg) }.map_err(|e| driver_err(kernel, e))?;
+        Ok(())
+    }
+}
+
+/// Launches a kernel on the global backend (see `Backend::launch`).
+pub(crate) fn launch(file: &'static str, kernel: &'static str, grid: u32, block: u32, args: &[Arg]) -> Result<()> {
+    backend()?.launch(file, kernel, grid, block, args)
+}
+
+/// The device address of a CUDA tensor.
+pub(crate) fn ptr(t: &Tensor) -> Result<u64> {
+    match t.storage() {
+        Storage::Cuda(b) => Ok(b.ptr()),
+        Storage::Cpu(_) => Err(Error::Cuda("expected a tensor on the GPU".into())),
+    }
+}
+
+/// The device address of a CUDA tensor about to be written in place (copied first if shared).
+pub(crate) fn ptr_mut(t: &mut Tensor) -> Result<u64> {
+    match t.storage_mut()? {
+        Storage::Cuda(b) => Ok(b.ptr()),
+        Storage::Cpu(_) => Err(Error::Cuda("expected a tensor on the GPU".into())),
+    }
+}
+
+/// A new uninitialised CUDA tensor and its address.
+pub(crate) fn empty(shape: &[usize]) -> Result<(Tensor, u64)> {
+    let buf = CudaBuffer::alloc(crate::tensor::numel(shape))?;
+    let p = buf.ptr();
+    Ok((Tensor::from_storage(Storage::Cuda(buf), shape), p))
+}
+
+/// Class labels as an i32 device buffer (kept alive by the caller until the kernels using it are
+/// submitted; the allocator's stream ordering does the rest).
+pub(crate) fn labels(labels: &[usize]) -> Result<CudaBuffer> {
+    let v: Vec<i32> = labels
+        .iter()
+        .map(|&l| i32::try_from(l).map_err(|_| Error::msg(format!("label {l} does not fit a 32-bit integer"))))
+        .collect::<Result<_>>()?;
+    CudaBuffer::from_host_i32(&v)
 }

@@ -7,6 +7,7 @@
 pub mod attention;
 pub mod batchnorm;
 pub mod conv;
+pub(crate) mod cpu_util;
 pub mod elementwise;
 pub mod gemm;
 pub mod linear;

@@ -1,14 +1,41 @@
-//! CUDA launchers (to come with the CUDA backend).
-#![allow(unused_variables)]
+//! CUDA launchers of kernels/batchnorm.cu (per-channel reductions: one block per channel).
 
 use super::BnBatchStats;
+use crate::cuda::{empty, grid_for, int, launch, ptr, ptr_mut, Arg, BLOCK};
 use crate::error::Result;
 use crate::tensor::Tensor;
 
+const FILE: &str = "batchnorm.cu";
+
+/// (N, C, spatial size)
 type Dims = (usize, usize, usize);
 
 pub(super) fn batchnorm_forward_train(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32, dims: Dims) -> Result<(Tensor, BnBatchStats)> {
-    crate::cuda::unavailable()
+    let (n, c, hw) = dims;
+    let (y, py) = empty(x.shape())?;
+    let (mean, pm) = empty(&[c])?;
+    let (invstd, pi) = empty(&[c])?;
+    let (var_unbiased, pv) = empty(&[c])?;
+    launch(
+        FILE,
+        "bn_forward_train",
+        c as u32,
+        BLOCK,
+        &[
+            Arg::Ptr(ptr(x)?),
+            Arg::Ptr(ptr(gamma)?),
+            Arg::Ptr(ptr(beta)?),
+            Arg::Ptr(py),
+            Arg::Ptr(pm),
+            Arg::Ptr(pi),
+            Arg::Ptr(pv),
+            int(n),
+            int(c),
+            int(hw),
+            Arg::F32(eps),
+        ],
+    )?;
+    Ok((y, BnBatchStats { mean, invstd, var_unbiased }))
 }
 
 pub(super) fn batchnorm_backward_train(
@@ -18,7 +45,30 @@ pub(super) fn batchnorm_backward_train(
     stats: &BnBatchStats,
     dims: Dims,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    crate::cuda::unavailable()
+    let (n, c, hw) = dims;
+    let (dx, pdx) = empty(x.shape())?;
+    let (dgamma, pdg) = empty(&[c])?;
+    let (dbeta, pdb) = empty(&[c])?;
+    launch(
+        FILE,
+        "bn_backward_train",
+        c as u32,
+        BLOCK,
+        &[
+            Arg::Ptr(ptr(dy)?),
+            Arg::Ptr(ptr(x)?),
+            Arg::Ptr(ptr(gamma)?),
+            Arg::Ptr(ptr(&stats.mean)?),
+            Arg::Ptr(ptr(&stats.invstd)?),
+            Arg::Ptr(pdx),
+            Arg::Ptr(pdg),
+            Arg::Ptr(pdb),
+            int(n),
+            int(c),
+            int(hw),
+        ],
+    )?;
+    Ok((dx, dgamma, dbeta))
 }
 
 pub(super) fn batchnorm_forward_eval(
@@ -30,7 +80,28 @@ pub(super) fn batchnorm_forward_eval(
     eps: f32,
     dims: Dims,
 ) -> Result<Tensor> {
-    crate::cuda::unavailable()
+    let (_, c, hw) = dims;
+    let (y, py) = empty(x.shape())?;
+    let total = x.numel();
+    launch(
+        FILE,
+        "bn_forward_eval",
+        grid_for(total),
+        BLOCK,
+        &[
+            Arg::Ptr(ptr(x)?),
+            Arg::Ptr(ptr(gamma)?),
+            Arg::Ptr(ptr(beta)?),
+            Arg::Ptr(ptr(running_mean)?),
+            Arg::Ptr(ptr(running_var)?),
+            Arg::Ptr(py),
+            int(total),
+            int(c),
+            int(hw),
+            Arg::F32(eps),
+        ],
+    )?;
+    Ok(y)
 }
 
 pub(super) fn batchnorm_backward_eval(
@@ -42,7 +113,31 @@ pub(super) fn batchnorm_backward_eval(
     eps: f32,
     dims: Dims,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    crate::cuda::unavailable()
+    let (n, c, hw) = dims;
+    let (dx, pdx) = empty(x.shape())?;
+    let (dgamma, pdg) = empty(&[c])?;
+    let (dbeta, pdb) = empty(&[c])?;
+    launch(
+        FILE,
+        "bn_backward_eval",
+        c as u32,
+        BLOCK,
+        &[
+            Arg::Ptr(ptr(dy)?),
+            Arg::Ptr(ptr(x)?),
+            Arg::Ptr(ptr(gamma)?),
+            Arg::Ptr(ptr(running_mean)?),
+            Arg::Ptr(ptr(running_var)?),
+            Arg::Ptr(pdx),
+            Arg::Ptr(pdg),
+            Arg::Ptr(pdb),
+            int(n),
+            int(c),
+            int(hw),
+            Arg::F32(eps),
+        ],
+    )?;
+    Ok((dx, dgamma, dbeta))
 }
 
 pub(super) fn batchnorm_update_running(
@@ -51,5 +146,13 @@ pub(super) fn batchnorm_update_running(
     stats: &BnBatchStats,
     momentum: f32,
 ) -> Result<()> {
-    crate::cuda::unavailable()
+    let c = stats.mean.numel();
+    let (pm, pv) = (ptr(&stats.mean)?, ptr(&stats.var_unbiased)?);
+    launch(
+        FILE,
+        "bn_update_running",
+        grid_for(c),
+        BLOCK,
+        &[Arg::Ptr(ptr_mut(running_mean)?), Arg::Ptr(ptr_mut(running_var)?), Arg::Ptr(pm), Arg::Ptr(pv), Arg::F32(momentum), int(c)],
+    )
 }

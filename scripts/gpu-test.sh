@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# GPU test round trip, for a GPU machine that has no Rust toolchain.
+#
+#   scripts/gpu-test.sh build        (here) cargo test --release --no-run; copies every test binary
+#                                    and the release plr-engine binary, stripped, into .carry/ under
+#                                    stable names (unit-<crate>, test-<file>, plr-engine)
+#   scripts/gpu-test.sh run [args]   (on the GPU machine) sources scripts/gpu-env.sh, records
+#                                    nvidia-smi and the driver version, runs every carried test
+#                                    binary with PLR_REQUIRE_GPU=1 (a GPU test that would SKIP
+#                                    fails) and tees the logs into $OUT (default .carry/out); extra
+#                                    args go to each binary (e.g. a test name filter); exits
+#                                    non-zero if any binary failed
+set -euo pipefail
+cd "$(dirname "$0")/.."
+CARRY=.carry
+
+build() {
+    rm -rf "$CARRY"
+    mkdir -p "$CARRY"
+    cargo build --release --bin plr-engine
+    # cargo names each test binary on stderr: "Executable tests/cuda_ops.rs (target/release/deps/cuda_ops-<hash>)".
+    cargo test --release --no-run 2>&1 | tee "$CARRY/build.log" >&2
+    local line src path name
+    while IFS= read -r line; do
+        src="$(sed -E 's/^ *Executable (unittests )?([^ ]+) \((.*)\)$/\2/' <<<"$line")"
+        path="$(sed -E 's/^ *Executable (unittests )?([^ ]+) \((.*)\)$/\3/' <<<"$line")"
+        case "$src" in
+            src/lib.rs) name=unit-lib ;;
+            src/main.rs) name=unit-main ;;
+            tests/*) name="test-$(basename "$src" .rs)" ;;
+            benches/*) continue ;;
+            *) name="unit-$(basename "$src" .rs)" ;;
+        esac
+        cp "$path" "$CARRY/$name"
+        strip --strip-debug "$CARRY/$name"
+    done < <(grep -E '^ *Executable ' "$CARRY/build.log")
+    cp target/release/plr-engine "$CARRY/plr-engine"
+    strip --strip-debug "$CARRY/plr-engine"
+    rm "$CARRY/build.log"
+    ls -l "$CARRY"
+    du -sh "$CARRY"
+}
+
+run() {
+    local out="${OUT:-$CARRY/out}" failed=() bin name rc
+    mkdir -p "$out"
+    # shellcheck source=scripts/gpu-env.sh
+    source scripts/gpu-env.sh >"$out/gpu-env.log" 2>&1
+    cat "$out/gpu-env.log"
+    # A GPU test that cannot reach the GPU fails here instead of printing SKIP and passing.
+    export PLR_REQUIRE_GPU=1
+    { nvidia-smi || echo "nvidia-smi failed"; } 2>&1 | tee "$out/nvidia-smi.log"
+    nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv 2>&1 | tee -a "$out/nvidia-smi.log" || true
+    for bin in "$CARRY"/unit-* "$CARRY"/test-*; do
+        [ -x "$bin" ] || continue
+        name="$(basename "$bin")"
+        echo "=== $name $*" | tee "$out/$name.log"
+        set +e
+        "$bin" "$@" 2>&1 | tee -a "$out/$name.log"
+        rc=${PIPESTATUS[0]}
+        set -e
+        echo "=== $name exit $rc" | tee -a "$out/$name.log"
+        [ "$rc" -eq 0 ] || failed+=("$name")
+    done
+    if [ ${#failed[@]} -gt 0 ]; then
+        echo "FAILED: ${failed[*]}"
+        exit 1
+    fi
+    echo "all test binaries passed"
+}
+
+case "${1:-}" in
+    build) build ;;
+    run) shift; run "$@" ;;
+    *) echo "usage: $0 build | run [test-binary args]" >&2; exit 2 ;;
+esac

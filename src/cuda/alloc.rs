@@ -1,0 +1,288 @@
+//! A caching allocator: device blocks come in size buckets, and a dropped buffer puts its block on
+//! its bucket's free list instead of freeing it, so a training step that repeats the previous
+//! step's allocations makes no cudaMalloc. All work runs on one stream, so a block freed after its
+//! last use was submitted can be reused by any later submission without synchronising.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
+
+use super::{backend, driver_err, lock, BACKEND};
+use crate::error::{Error, Result};
+
+/// Allocator counters, in bytes of whole blocks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryStats {
+    /// Held by live buffers.
+    pub in_use_bytes: usize,
+    /// Highest `in_use_bytes` since start or the last `reset_peak_memory`.
+    pub peak_bytes: usize,
+    /// Free blocks kept for reuse.
+    pub cached_bytes: usize,
+    /// Device allocations made so far (each a cudaMalloc).
+    pub device_allocations: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Pool {
+    inner: Mutex<PoolInner>,
+}
+
+#[derive(Default)]
+struct PoolInner {
+    free: HashMap<usize, Vec<CudaSlice<u8>>>,
+    stats: MemoryStats,
+}
+
+/// Block size for a request: 512-byte steps up to 1 MiB, then four steps per power of two (at
+/// most 25 % waste).
+fn bucket(bytes: usize) -> usize {
+    let b = bytes.max(1);
+    let step = if b <= 1 << 20 { 512 } else { (1usize << b.ilog2()) / 4 };
+    b.div_ceil(step) * step
+}
+
+impl Pool {
+    fn take(&self, stream: &Arc<CudaStream>, bytes: usize) -> Result<CudaSlice<u8>> {
+        let size = bucket(bytes);
+        {
+            let mut p = lock(&self.inner);
+            if let Some(block) = p.free.get_mut(&size).and_then(Vec::pop) {
+                p.stats.cached_bytes -= size;
+                p.note_taken(size, false);
+                return Ok(block);
+            }
+        }
+        // SAFETY: the block is written by a kernel or a copy before anything reads it.
+        let block = match unsafe { stream.alloc::<u8>(size) } {
+            Ok(b) => b,
+            Err(e) if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
+                self.release_cached();
+                stream.synchronize().map_err(|e| driver_err("synchronize", e))?;
+                // SAFETY: as above.
+                unsafe { stream.alloc::<u8>(size) }
+                    .map_err(|e| Error::Cuda(format!("out of GPU memory allocating {size} bytes ({e:?})")))?
+            }
+            Err(e) => return Err(driver_err("cuMemAlloc", e)),
+        };
+        lock(&self.inner).note_taken(size, true);
+        Ok(block)
+    }
+
+    fn give_back(&self, block: CudaSlice<u8>) {
+        let size = block.len();
+        let mut p = lock(&self.inner);
+        p.stats.in_use_bytes -= size;
+        p.stats.cached_bytes += size;
+        p.free.entry(size).or_default().push(block);
+    }
+
+    /// Frees every cached block (stream-ordered, after the work already submitted).
+    fn release_cached(&self) {
+        let blocks = {
+            let mut p = lock(&self.inner);
+            p.stats.cached_bytes = 0;
+            std::mem::take(&mut p.free)
+        };
+        drop(blocks);
+    }
+}
+
+impl PoolInner {
+    fn note_taken(&mut self, size: usize, fresh: bool) {
+        self.stats.in_use_bytes += size;
+        self.stats.peak_bytes = self.stats.peak_bytes.max(self.stats.in_use_bytes);
+        if fresh {
+            self.stats.device_allocations += 1;
+        }
+    }
+}
+
+fn pool() -> Option<&'static Pool> {
+    match BACKEND.get() {
+        Some(Ok(b)) => Some(&b.pool),
+        _ => None,
+    }
+}
+
+/// The allocator's counters (all zero before the backend starts).
+pub fn memory_stats() -> MemoryStats {
+    pool().map(|p| lock(&p.inner).stats).unwrap_or_default()
+}
+
+/// Highest number of bytes held by live device buffers since start or the last reset.
+pub fn peak_memory_bytes() -> usize {
+    memory_stats().peak_bytes
+}
+
+/// Restarts peak tracking from the bytes in use now.
+pub fn reset_peak_memory() {
+    if let Some(p) = pool() {
+        let mut p = lock(&p.inner);
+        p.stats.peak_bytes = p.stats.in_use_bytes;
+    }
+}
+
+/// A device buffer of `len` 4-byte values (f32, or i32 for labels), holding a pool block.
+pub struct CudaBuffer {
+    block: Option<CudaSlice<u8>>,
+    ptr: u64,
+    len: usize,
+}
+
+impl Drop for CudaBuffer {
+    fn drop(&mut self) {
+        if let (Some(block), Some(pool)) = (self.block.take(), pool()) {
+            pool.give_back(block);
+        }
+    }
+}
+
+impl CudaBuffer {
+    /// An uninitialised buffer of `len` values.
+    pub(crate) fn alloc(len: usize) -> Result<CudaBuffer> {
+        // Kernels index with 32-bit ints; every size they see is bounded by some buffer's length.
+        if len > i32::MAX as usize {
+            return Err(Error::Cuda(format!("tensor of {len} elements exceeds the kernels' 2^31 element limit")));
+        }
+        let be = backend()?;
+        let block = be.pool.take(&be.stream, len * 4)?;
+        let (ptr, _) = block.device_ptr(&be.stream);
+        Ok(CudaBuffer { block: Some(block), ptr, len })
+    }
+
+    fn block(&self) -> &CudaSlice<u8> {
+        self.block.as_ref().expect("a live buffer holds its block until dropped")
+    }
+
+    fn block_mut(&mut self) -> &mut CudaSlice<u8> {
+        self.block.as_mut().expect("a live buffer holds its block until dropped")
+    }
+
+    fn upload(bytes: &[u8]) -> Result<CudaBuffer> {
+        let mut buf = CudaBuffer::alloc(bytes.len() / 4)?;
+        if !bytes.is_empty() {
+            let be = backend()?;
+            be.stream.memcpy_htod(bytes, &mut buf.block_mut().slice_mut(..bytes.len())).map_err(|e| driver_err("copy to GPU", e))?;
+        }
+        Ok(buf)
+    }
+
+    pub fn from_host(data: &[f32]) -> Result<CudaBuffer> {
+        CudaBuffer::upload(bytemuck::cast_slice(data))
+    }
+
+    pub(crate) fn from_host_i32(data: &[i32]) -> Result<CudaBuffer> {
+        CudaBuffer::upload(bytemuck::cast_slice(data))
+    }
+
+    /// Copies the values to the host, after all work submitted so far.
+    pub fn to_host(&self) -> Result<Vec<f32>> {
+        let mut out = vec![0f32; self.len];
+        if self.len > 0 {
+            let be = backend()?;
+            let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
+            be.stream.memcpy_dtoh(&self.block().slice(..self.len * 4), dst).map_err(|e| driver_err("copy from GPU", e))?;
+            be.stream.synchronize().map_err(|e| driver_err("synchronize", e))?;
+        }
+        Ok(out)
+    }
+
+    pub fn try_clone(&self) -> Result<CudaBuffer> {
+        let mut out = CudaBuffer::alloc(self.len)?;
+        if self.len > 0 {
+            let be = backend()?;
+            let n = self.len * 4;
+            be.stream
+                .memcpy_dtod(&self.block().slice(..n), &mut out.block_mut().slice_mut(..n))
+                .map_err(|e| driver_err("device copy", e))?;
+        }
+        Ok(out)
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The device address of the first value.
+    pub(crate) fn ptr(&self) -> u64 {
+        self.ptr
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::{batchnorm as bn, conv, elementwise as ew, linear, loss};
+    use crate::tensor::{Device, Tensor};
+
+    /// A forward and backward pass of a small conv net plus an Adam step, all on the GPU.
+    fn training_step(params: &mut [Tensor], moments: &mut [Tensor]) -> Result<()> {
+        let mut rng = crate::rng::Rng::new(0);
+        let x = Tensor::randn(&[8, 3, 16, 8], 1.0, &mut rng).to_device(Device::Cuda)?;
+        let cfg = conv::Conv2dCfg::new(2, 1, 1);
+        let h = conv::conv2d_forward(&x, &params[0], None, cfg)?;
+        let (h, stats) = bn::batchnorm_forward_train(&h, &params[1], &params[2], bn::BN_EPS)?;
+        let r = ew::relu_forward(&h)?;
+        let f = r.reshape(&[8, 16 * 8 * 4])?;
+        let logits = linear::linear_forward(&f, &params[3], None)?;
+        let labels = [0, 1, 2, 3, 0, 1, 2, 3];
+        let l = loss::cross_entropy_label_smooth_forward(&logits, &labels, 0.1)?;
+        let dl = loss::cross_entropy_label_smooth_backward(&Tensor::ones(&[1], Device::Cuda)?, &logits, &labels, 0.1)?;
+        let (df, dw3, _) = linear::linear_backward(&dl, &f, &params[3])?;
+        let dh = ew::relu_backward(&df.reshape(r.shape())?, &r)?;
+        let (dh, dg, db) = bn::batchnorm_backward_train(&dh, &h, &params[1], &stats)?;
+        let dw0 = conv::conv2d_backward_filter(&dh, &x, params[0].shape(), cfg)?;
+        for (i, g) in [dw0, dg, db, dw3].iter().enumerate() {
+            let (m, v) = moments.split_at_mut(4);
+            crate::cuda::optim::adam_update(&mut params[i], g, &mut m[i], &mut v[i], 1e-3, 0.9, 0.999, 1e-8, 5e-4, 1)?;
+        }
+        l.to_vec()?;
+        Ok(())
+    }
+
+    #[test]
+    fn steady_state_step_makes_no_device_allocation() {
+        if !crate::testing::cuda_or_skip("steady_state_step_makes_no_device_allocation") {
+            return;
+        }
+        let mut rng = crate::rng::Rng::new(1);
+        let shapes: [&[usize]; 4] = [&[16, 3, 3, 3], &[16], &[16], &[4, 512]];
+        let mut params: Vec<Tensor> = shapes.iter().map(|s| Tensor::randn(s, 0.1, &mut rng).to_device(Device::Cuda).unwrap()).collect();
+        let mut moments: Vec<Tensor> = shapes.iter().chain(shapes.iter()).map(|s| Tensor::zeros(s, Device::Cuda).unwrap()).collect();
+        training_step(&mut params, &mut moments).unwrap();
+        let first = memory_stats();
+        reset_peak_memory();
+        for _ in 0..3 {
+            training_step(&mut params, &mut moments).unwrap();
+        }
+        let later = memory_stats();
+        assert_eq!(later.device_allocations, first.device_allocations, "a repeated step allocated device memory");
+        assert_eq!(later.in_use_bytes, first.in_use_bytes, "a step leaked buffers");
+        assert!(later.peak_bytes > later.in_use_bytes, "the step's temporaries do not show in the peak");
+        assert_eq!(peak_memory_bytes(), later.peak_bytes);
+        // A fresh, larger buffer raises the peak by at least its size.
+        let before = peak_memory_bytes();
+        let big = CudaBuffer::alloc(before / 4 + 1_000_000).unwrap();
+        assert!(peak_memory_bytes() >= later.in_use_bytes + big.len() * 4);
+    }
+
+    #[test]
+    fn buckets_round_up_with_bounded_waste() {
+        assert_eq!(bucket(0), 512);
+        assert_eq!(bucket(4), 512);
+        assert_eq!(bucket(513), 1024);
+        assert_eq!(bucket(1 << 20), 1 << 20);
+        assert_eq!(bucket((1 << 20) + 1), (1 << 20) + (1 << 18));
+        for b in [3usize << 20, 5_000_000, 123_456_789] {
+            let s = bucket(b);
+            assert!(s >= b && (s - b) * 4 <= b, "{b} -> {s}");
+            assert_eq!(bucket(s), s, "a bucket size maps to itself");
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! Reductions shared by the CPU kernels. Each keeps independent lane accumulators: a single running
+//! float sum cannot be reordered by the compiler, so it would not vectorise.
+
+const LANES: usize = 8;
+
+/// Defines `fn` whose body is compiled twice: for AVX2 + FMA, taken when the CPU has them, and for
+/// the crate's baseline target (x86-64 means SSE2 only, four f32 lanes instead of eight).
+macro_rules! avx2_dispatch {
+    ($(#[$m:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$m])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+                    // SAFETY: the CPU has the features `avx2` is compiled for.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
+pub(crate) use avx2_dispatch;
+
+avx2_dispatch! {
+    /// Sum of `a`, accumulated in f64.
+    pub(crate) fn sum_f64(a: &[f32]) -> f64 {
+        let (chunks, rest) = a.as_chunks::<LANES>();
+        let mut acc = [0f64; LANES];
+        for c in chunks {
+            for (s, &v) in acc.iter_mut().zip(c) {
+                *s += v as f64;
+            }
+        }
+        acc.iter().sum::<f64>() + rest.iter().map(|&v| v as f64).sum::<f64>()
+    }
+}
+
+avx2_dispatch! {
+    /// (sum of `a`, dot product of `a` and `b`), accumulated in f64. `b == a` gives the sum of squares.
+    pub(crate) fn sum_dot_f64(a: &[f32], b: &[f32]) -> (f64, f64) {
+        assert_eq!(a.len(), b.len(), "sum_dot_f64: lengths differ");
+        let (ca, ra) = a.as_chunks::<LANES>();
+        let (cb, rb) = b.as_chunks::<LANES>();
+        let mut s = [0f64; LANES];
+        let mut d = [0f64; LANES];
+        for (x, y) in ca.iter().zip(cb) {
+            for l in 0..LANES {
+                s[l] += x[l] as f64;
+                d[l] += x[l] as f64 * y[l] as f64;
+            }
+        }
+        let (mut s_all, mut d_all) = (s.iter().sum::<f64>(), d.iter().sum::<f64>());
+        for (&x, &y) in ra.iter().zip(rb) {
+            s_all += x as f64;
+            d_all += x as f64 * y as f64;
+        }
+        (s_all, d_all)
+    }
+}
+
+avx2_dispatch! {
+    /// Dot product of `a` and `b` in f32 (the precision of the GEMMs it sits beside).
+    pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+        assert_eq!(a.len(), b.len(), "dot_f32: lengths differ");
+        const W: usize = 2 * LANES;
+        let (ca, ra) = a.as_chunks::<W>();
+        let (cb, rb) = b.as_chunks::<W>();
+        let mut acc = [0f32; W];
+        for (x, y) in ca.iter().zip(cb) {
+            for l in 0..W {
+                acc[l] += x[l] * y[l];
+            }
+        }
+        acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    #[test]
+    fn reductions_match_f64_loops() {
+        let mut rng = Rng::new(11);
+        for len in [0, 1, 7, 8, 9, 31, 64, 1000] {
+            let a: Vec<f32> = (0..len).map(|_| rng.normal() as f32).collect();
+            let b: Vec<f32> = (0..len).map(|_| rng.normal() as f32).collect();
+            let s: f64 = a.iter().map(|&v| v as f64).sum();
+            let d: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
+            assert!((sum_f64(&a) - s).abs() < 1e-12 * (1.0 + s.abs()), "sum, len {len}");
+            let (s2, d2) = sum_dot_f64(&a, &b);
+            assert!((s2 - s).abs() < 1e-12 * (1.0 + s.abs()) && (d2 - d).abs() < 1e-12 * (1.0 + d.abs()), "sum_dot, len {len}");
+            let scale = a.iter().zip(&b).map(|(&x, &y)| (x as f64 * y as f64).abs()).sum::<f64>();
+            assert!((dot_f32(&a, &b) as f64 - d).abs() <= 1e-6 * (1.0 + scale), "dot_f32, len {len}");
+        }
+    }
+}
