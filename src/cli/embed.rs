@@ -81,7 +81,7 @@ pub fn embed_files(
     }
     let (model, mut store) = load_plr(weights)?;
     let parts = model.config.parts;
-    if final_height(height as usize) % parts != 0 {
+    if !final_height(height as usize).is_multiple_of(parts) {
         return Err(Error::msg(format!(
             "--height {height}: the final feature map is {} rows high, which {parts} stripes do not divide",
             final_height(height as usize)

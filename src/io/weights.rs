@@ -6,8 +6,10 @@
 //! Loading strips a leading `module.` (DataParallel), converts F16/BF16 floats, and is strict: a
 //! missing, unexpected, wrongly shaped or wrongly typed tensor is an error naming the tensor and
 //! the file; only a missing `num_batches_tracked` is tolerated. Entries under `optimizer.` and
-//! `loss.` are training-checkpoint state (optimizer moments, center-loss centers): a model that has
-//! no such entries ignores them, which is how a checkpoint loads as plain weights.
+//! `loss.` are training-checkpoint state (optimizer moments, center-loss centers), outside the
+//! model's state dict: a store without them ignores them in the file (so a checkpoint loads as
+//! plain weights), and a store with them keeps its values when the file has none (so plain weights
+//! load into a training store).
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
@@ -24,6 +26,10 @@ use crate::tensor::Tensor;
 
 /// Name prefixes of training-checkpoint state that is not part of a model's state dict.
 pub const CHECKPOINT_ONLY_PREFIXES: [&str; 2] = ["optimizer.", "loss."];
+
+fn is_checkpoint_only(name: &str) -> bool {
+    CHECKPOINT_ONLY_PREFIXES.iter().any(|p| name.starts_with(p))
+}
 
 /// Values of a tensor read from a file: floats widened or narrowed to f32, integers to i64.
 #[derive(Clone, Debug, PartialEq)]
@@ -181,6 +187,16 @@ impl OutTensor {
             bytes: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
         }
     }
+
+    /// Any dtype, given its little-endian bytes (e.g. F16 weights).
+    pub fn raw(name: impl Into<String>, dtype: Dtype, shape: &[usize], bytes: Vec<u8>) -> Result<Self> {
+        let name = name.into();
+        let want = shape.iter().product::<usize>() * dtype.bitsize() / 8;
+        if bytes.len() != want {
+            return Err(Error::msg(format!("tensor {name}: {} bytes for {dtype:?} of shape {shape:?}, expected {want}", bytes.len())));
+        }
+        Ok(OutTensor { name, dtype, shape: shape.to_vec(), bytes })
+    }
 }
 
 impl View for &OutTensor {
@@ -263,7 +279,7 @@ pub fn apply_state_dict(store: &mut ParamStore, file: &TensorFile, prefix: &str)
     let mut updates = Vec::new();
     for (id, e) in store.entries().iter().enumerate() {
         match entries.get(e.name.as_str()) {
-            None if e.kind == Kind::Counter => {}
+            None if e.kind == Kind::Counter || is_checkpoint_only(&e.name) => {}
             None => missing.push(e.name.clone()),
             Some(t) => match mismatch(e.kind, e.value.shape(), t) {
                 Some(why) => wrong.push(format!("tensor {}: {why}", e.name)),
@@ -271,11 +287,8 @@ pub fn apply_state_dict(store: &mut ParamStore, file: &TensorFile, prefix: &str)
             },
         }
     }
-    let unexpected: Vec<String> = entries
-        .keys()
-        .filter(|k| store.id(k).is_err() && !CHECKPOINT_ONLY_PREFIXES.iter().any(|p| k.starts_with(p)))
-        .map(|k| k.to_string())
-        .collect();
+    let unexpected: Vec<String> =
+        entries.keys().filter(|k| store.id(k).is_err() && !is_checkpoint_only(k)).map(|k| k.to_string()).collect();
     let mut problems = wrong;
     if !missing.is_empty() {
         problems.push(format!("missing tensors: {}", name_list(&missing)));
@@ -321,7 +334,7 @@ pub fn detect_model(file: &TensorFile, prefix: &str) -> Result<ModelKind> {
             dim0(p, &sd, "layer30.0.conv3.conv.weight")?,
         ];
         let local = dim0(p, &sd, "bn1.weight")?;
-        if channels[3] == 0 || local % channels[3] != 0 {
+        if channels[3] == 0 || !local.is_multiple_of(channels[3]) {
             return Err(weights_err(
                 p,
                 format!("bn1.weight width {local} is not a multiple of the final stage's {} channels", channels[3]),
