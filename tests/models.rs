@@ -614,3 +614,77 @@ fn embed_errors_name_the_culprit() {
         assert!(!ok && err.contains("--device cuda") && err.contains(&why), "{err}");
     }
 }
+
+/// Everything a training step and an eval pass of the small model produce on `device`, by name.
+fn step_results(device: plr_engine::Device) -> Vec<(String, Vec<f32>)> {
+    let mut store = ParamStore::new();
+    let model = plr(&mut store, X025, 4, 21);
+    for (name, g) in [("attention_module1.pam.gamma", 0.6), ("attention_module2.pam.gamma", -0.3)] {
+        store.set(store.id(name).unwrap(), Tensor::from_vec(vec![g], &[1]).unwrap()).unwrap();
+    }
+    let lossfn = PlrLoss::new(&mut store, PlrLossConfig::new(4), 512, 128, &mut Rng::new(22)).unwrap();
+    store.to_device(device).unwrap();
+    let x = Var::constant(input(8, 64, 32, 23).to_device(device).unwrap());
+    let labels = [0, 0, 1, 1, 2, 2, 3, 3];
+    let mut res = Vec::new();
+    let mut keep = |name: &str, t: &Tensor| res.push((name.to_string(), t.to_vec().unwrap()));
+
+    let mut tape = Tape::no_grad();
+    keep("eval", model.forward_eval(&mut Ctx::new(&mut tape, &mut store, false), &x).unwrap().value());
+    let mut tape = Tape::new();
+    let mut ctx = Ctx::new(&mut tape, &mut store, true);
+    let out = model.forward_train(&mut ctx, &x).unwrap();
+    let terms = lossfn.forward(&mut ctx, &out, &labels).unwrap();
+    for (name, v) in [("logits1", &out.logits1), ("v1", &out.v1), ("v2", &out.v2), ("total", &terms.total), ("cen2", &terms.cen2)] {
+        keep(name, v.value());
+    }
+    let grads = tape.backward(&terms.total).unwrap();
+    for id in store.trainable() {
+        keep(&format!("grad.{}", store.entry(id).name), grads.param(id).unwrap());
+    }
+    for e in store.entries().iter().filter(|e| e.kind != Kind::Param) {
+        keep(&format!("after.{}", e.name), &e.value);
+    }
+    res
+}
+
+#[test]
+fn plr_on_cuda_matches_cpu() {
+    if !plr_engine::testing::cuda_or_skip("plr_on_cuda_matches_cpu") {
+        return;
+    }
+    use plr_engine::testing::norm_rel_err;
+    use plr_engine::Device;
+    let (cpu, gpu) = (step_results(Device::Cpu), step_results(Device::Cuda));
+    let mut worst = (0.0, String::new());
+    for ((name, a), (_, b)) in cpu.iter().zip(&gpu) {
+        let err = norm_rel_err(a, b);
+        let tol = if name.starts_with("grad.") { 1e-3 } else { 1e-4 };
+        assert!(err < tol, "{name}: cpu vs cuda norm-wise relative error {err:.2e}");
+        if err > worst.0 {
+            worst = (err, name.clone());
+        }
+    }
+    println!("largest cpu/cuda difference: {:.2e} ({})", worst.0, worst.1);
+
+    // Full size, through the embed path, on a few images.
+    let dir = scratch("embed_cuda");
+    let mut store = ParamStore::new();
+    plr(&mut store, X1, 751, 0);
+    let weights = dir.join("x1.safetensors");
+    save_state_dict(&store, &weights, Default::default()).unwrap();
+    let mut rng = Rng::new(5);
+    let files: Vec<PathBuf> = (0..3)
+        .map(|i| {
+            let path = dir.join(format!("{i}.png"));
+            image::RgbImage::from_fn(64, 128, |_, _| image::Rgb([0u8; 3].map(|_| rng.below(256) as u8))).save(&path).unwrap();
+            path
+        })
+        .collect();
+    let embed = |device| plr_engine::cli::embed::embed_files(&weights, &files, device, 2, 256, 128).unwrap();
+    let ((a, da), (b, db)) = (embed(Device::Cpu), embed(Device::Cuda));
+    assert_eq!((da, db), (2560, 2560));
+    let err = norm_rel_err(&a, &b);
+    println!("x1 embed cpu vs cuda: {err:.2e}");
+    assert!(err < 1e-4, "x1 embed: cpu vs cuda norm-wise relative error {err:.2e}");
+}
