@@ -4,9 +4,14 @@
 //! backward of every op, CPU reference and CUDA), `tape` (autograd), `params` (named parameters
 //! with PyTorch's state-dict keys).
 
+pub mod cli;
 pub mod cuda;
+pub mod data;
 pub mod error;
+pub mod eval;
+pub mod log;
 pub mod ops;
+pub mod optim;
 pub mod params;
 pub mod rng;
 pub mod tape;

@@ -1,0 +1,3 @@
+//! Subcommands of the `plr-engine` binary; `main.rs` only parses and dispatches.
+
+pub mod synth;
