@@ -20,6 +20,7 @@ pub mod rng;
 pub mod tape;
 pub mod tensor;
 pub mod testing;
+pub mod train;
 
 pub use error::{Error, Result};
 pub use params::{ParamId, ParamStore};

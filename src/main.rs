@@ -11,6 +11,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    Train(Box<cli::train::TrainArgs>),
+    Eval(cli::eval::EvalArgs),
     Export(cli::export::ExportArgs),
     Embed(cli::embed::EmbedArgs),
     Synth(cli::synth::SynthArgs),
@@ -18,6 +20,8 @@ enum Command {
 
 fn main() {
     let result = match Cli::parse().command {
+        Command::Train(args) => cli::train::run(&args),
+        Command::Eval(args) => cli::eval::run(&args),
         Command::Export(args) => cli::export::run(&args),
         Command::Embed(args) => cli::embed::run(&args),
         Command::Synth(args) => cli::synth::run(&args),

@@ -2,5 +2,7 @@
 
 pub mod device;
 pub mod embed;
+pub mod eval;
 pub mod export;
 pub mod synth;
+pub mod train;
