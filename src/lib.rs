@@ -4,8 +4,13 @@
 //! backward of every op, CPU reference and CUDA), `tape` (autograd), `params` (named parameters
 //! with PyTorch's state-dict keys).
 
+pub mod cli;
 pub mod cuda;
+pub mod data;
 pub mod error;
+pub mod io;
+pub mod models;
+pub mod nn;
 pub mod ops;
 pub mod params;
 pub mod rng;

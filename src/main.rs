@@ -1,10 +1,27 @@
-use clap::Parser;
+use clap::{Parser, Subcommand};
+use plr_engine::cli;
 
 /// plr-engine: train, evaluate and export PLR-OSNet person re-identification models.
 #[derive(Parser)]
 #[command(version, about)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    Export(cli::export::ExportArgs),
+    Embed(cli::embed::EmbedArgs),
+}
 
 fn main() {
-    let _cli = Cli::parse();
+    let result = match Cli::parse().command {
+        Command::Export(args) => cli::export::run(&args),
+        Command::Embed(args) => cli::embed::run(&args),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e}");
+        std::process::exit(1);
+    }
 }

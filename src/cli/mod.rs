@@ -1,0 +1,5 @@
+//! Subcommands of the `plr-engine` binary; `main.rs` only parses and dispatches.
+
+pub mod device;
+pub mod embed;
+pub mod export;

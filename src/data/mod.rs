@@ -1,0 +1,3 @@
+//! Everything between image files and tensors.
+
+pub mod image;
