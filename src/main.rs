@@ -13,12 +13,14 @@ struct Cli {
 enum Command {
     Export(cli::export::ExportArgs),
     Embed(cli::embed::EmbedArgs),
+    Synth(cli::synth::SynthArgs),
 }
 
 fn main() {
     let result = match Cli::parse().command {
         Command::Export(args) => cli::export::run(&args),
         Command::Embed(args) => cli::embed::run(&args),
+        Command::Synth(args) => cli::synth::run(&args),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

@@ -3,3 +3,4 @@
 pub mod device;
 pub mod embed;
 pub mod export;
+pub mod synth;
