@@ -11,6 +11,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    Bench(cli::bench::BenchArgs),
     Export(cli::export::ExportArgs),
     Embed(cli::embed::EmbedArgs),
     Synth(cli::synth::SynthArgs),
@@ -18,6 +19,7 @@ enum Command {
 
 fn main() {
     let result = match Cli::parse().command {
+        Command::Bench(args) => cli::bench::run(&args),
         Command::Export(args) => cli::export::run(&args),
         Command::Embed(args) => cli::embed::run(&args),
         Command::Synth(args) => cli::synth::run(&args),
