@@ -16,6 +16,7 @@ pub mod log;
 pub mod ops;
 pub mod optim;
 pub mod params;
+pub mod profile;
 pub mod rng;
 pub mod tape;
 pub mod tensor;

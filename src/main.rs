@@ -16,6 +16,7 @@ enum Command {
     Export(cli::export::ExportArgs),
     Embed(cli::embed::EmbedArgs),
     Synth(cli::synth::SynthArgs),
+    Bench(cli::bench::BenchArgs),
 }
 
 fn main() {
@@ -25,6 +26,7 @@ fn main() {
         Command::Export(args) => cli::export::run(&args),
         Command::Embed(args) => cli::embed::run(&args),
         Command::Synth(args) => cli::synth::run(&args),
+        Command::Bench(args) => cli::bench::run(&args),
     };
     if let Err(e) = result {
         eprintln!("error: {e}");

@@ -80,10 +80,21 @@ impl Adam {
             state.step += 1;
             match device {
                 Device::Cpu => adam_cpu(store.get_mut(id), grad, &mut state, &self.cfg, lr)?,
-                // TODO(lead): call crate::cuda::optim::adam_update(param, grad, m, v, lr, beta1,
-                // beta2, eps, weight_decay, step) once the CUDA backend provides it.
                 Device::Cuda => {
-                    return Err(Error::Cuda(format!("adam: {name}: the CUDA update (cuda::optim::adam_update) is not wired yet")))
+                    let c = &self.cfg;
+                    let step = u32::try_from(state.step).map_err(|_| Error::msg(format!("adam: {name}: step count overflow")))?;
+                    crate::cuda::optim::adam_update(
+                        store.get_mut(id),
+                        grad,
+                        &mut state.m,
+                        &mut state.v,
+                        lr as f32,
+                        c.beta1 as f32,
+                        c.beta2 as f32,
+                        c.eps as f32,
+                        c.weight_decay as f32,
+                        step,
+                    )?
                 }
             }
             self.state.insert(id, state);

@@ -363,6 +363,7 @@ impl Tape {
         if droot.shape() != root.shape() {
             return Err(Error::shape("backward", format!("seed {:?} != root {:?}", droot.shape(), root.shape())));
         }
+        let _phase = crate::profile::backward_phase();
         let mut nodes = self.nodes;
         nodes.truncate(root_id + 1);
         let mut grads: Vec<Option<Tensor>> = (0..nodes.len()).map(|_| None).collect();

@@ -95,6 +95,22 @@ fn init_unchecked() -> std::result::Result<Backend, String> {
     })
 }
 
+/// Waits until the GPU has finished all queued work; a no-op if the backend was never started.
+pub fn synchronize() -> Result<()> {
+    match BACKEND.get() {
+        Some(Ok(b)) => b.stream.synchronize().map_err(|e| driver_err("synchronize", e)),
+        _ => Ok(()),
+    }
+}
+
+/// The GPU's name, if the backend is up.
+pub fn device_name() -> Option<String> {
+    match BACKEND.get() {
+        Some(Ok(b)) => b.ctx.name().ok(),
+        _ => None,
+    }
+}
+
 /// Locks a mutex, ignoring poisoning: the guarded caches stay consistent when a holder panics.
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())

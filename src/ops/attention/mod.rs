@@ -26,6 +26,7 @@ pub fn bmm_dims(op: &'static str, a: &[usize], b: &[usize], trans_a: bool, trans
 
 /// op(a) op(b) per batch entry: [B, m, n].
 pub fn bmm(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Attention);
     let dev = a.check_same("bmm", &[b])?;
     let dims = bmm_dims("bmm", a.shape(), b.shape(), trans_a, trans_b)?;
     match dev {
@@ -36,6 +37,7 @@ pub fn bmm(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tenso
 
 /// Returns (da, db) of `bmm(a, b, trans_a, trans_b)`, each in its operand's stored layout.
 pub fn bmm_backward(dy: &Tensor, a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<(Tensor, Tensor)> {
+    let _p = crate::profile::scope(crate::profile::Family::Attention);
     let dev = a.check_same("bmm_backward", &[dy, b])?;
     let dims = bmm_dims("bmm_backward", a.shape(), b.shape(), trans_a, trans_b)?;
     crate::ensure_shape!(
@@ -55,6 +57,7 @@ pub fn bmm_backward(dy: &Tensor, a: &Tensor, b: &Tensor, trans_a: bool, trans_b:
 
 /// Softmax over the last axis, max-subtracted.
 pub fn softmax_lastdim_forward(x: &Tensor) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Attention);
     let dev = x.check_same("softmax_lastdim_forward", &[])?;
     crate::ensure_shape!(x.rank() >= 1 && x.shape()[x.rank() - 1] > 0, "softmax_lastdim_forward", "empty last axis in {:?}", x.shape());
     match dev {
@@ -65,6 +68,7 @@ pub fn softmax_lastdim_forward(x: &Tensor) -> Result<Tensor> {
 
 /// dx = y * (dy - sum(dy * y)) row-wise (y is the forward output).
 pub fn softmax_lastdim_backward(dy: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Attention);
     let dev = y.check_same("softmax_lastdim_backward", &[dy])?;
     crate::ensure_shape!(dy.shape() == y.shape(), "softmax_lastdim_backward", "dy {:?} != y {:?}", dy.shape(), y.shape());
     match dev {

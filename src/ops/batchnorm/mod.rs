@@ -34,6 +34,7 @@ fn bn_dims(op: &'static str, x: &Tensor, per_channel: &[&Tensor]) -> Result<(usi
 }
 
 pub fn batchnorm_forward_train(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<(Tensor, BnBatchStats)> {
+    let _p = crate::profile::scope(crate::profile::Family::BatchNorm);
     const OP: &str = "batchnorm_forward_train";
     let dev = x.check_same(OP, &[gamma, beta])?;
     let (n, c, hw) = bn_dims(OP, x, &[gamma, beta])?;
@@ -46,6 +47,7 @@ pub fn batchnorm_forward_train(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f
 
 /// Returns (dx, dgamma, dbeta).
 pub fn batchnorm_backward_train(dy: &Tensor, x: &Tensor, gamma: &Tensor, stats: &BnBatchStats) -> Result<(Tensor, Tensor, Tensor)> {
+    let _p = crate::profile::scope(crate::profile::Family::BatchNorm);
     const OP: &str = "batchnorm_backward_train";
     let dev = x.check_same(OP, &[dy, gamma, &stats.mean, &stats.invstd])?;
     let dims = bn_dims(OP, x, &[gamma, &stats.mean, &stats.invstd])?;
@@ -64,6 +66,7 @@ pub fn batchnorm_forward_eval(
     running_var: &Tensor,
     eps: f32,
 ) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::BatchNorm);
     const OP: &str = "batchnorm_forward_eval";
     let dev = x.check_same(OP, &[gamma, beta, running_mean, running_var])?;
     let dims = bn_dims(OP, x, &[gamma, beta, running_mean, running_var])?;
@@ -82,6 +85,7 @@ pub fn batchnorm_backward_eval(
     running_var: &Tensor,
     eps: f32,
 ) -> Result<(Tensor, Tensor, Tensor)> {
+    let _p = crate::profile::scope(crate::profile::Family::BatchNorm);
     const OP: &str = "batchnorm_backward_eval";
     let dev = x.check_same(OP, &[dy, gamma, running_mean, running_var])?;
     let dims = bn_dims(OP, x, &[gamma, running_mean, running_var])?;
@@ -94,6 +98,7 @@ pub fn batchnorm_backward_eval(
 
 /// running <- (1 - momentum) * running + momentum * batch, for the mean and the unbiased variance.
 pub fn batchnorm_update_running(running_mean: &mut Tensor, running_var: &mut Tensor, stats: &BnBatchStats, momentum: f32) -> Result<()> {
+    let _p = crate::profile::scope(crate::profile::Family::BatchNorm);
     const OP: &str = "batchnorm_update_running";
     let dev = running_mean.check_same(OP, &[running_var, &stats.mean, &stats.var_unbiased])?;
     crate::ensure_shape!(

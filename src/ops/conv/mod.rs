@@ -61,6 +61,7 @@ fn check_bias(w: &Tensor, bias: Option<&Tensor>) -> Result<()> {
 }
 
 pub fn conv2d_forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, cfg: Conv2dCfg) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Conv);
     let others: Vec<&Tensor> = std::iter::once(w).chain(bias).collect();
     let dev = x.check_same("conv2d_forward", &others)?;
     let y_shape = conv2d_output_shape(x.shape(), w.shape(), cfg)?;
@@ -73,6 +74,7 @@ pub fn conv2d_forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, cfg: Conv2d
 
 /// Gradient with respect to the input.
 pub fn conv2d_backward_data(dy: &Tensor, w: &Tensor, x_shape: &[usize], cfg: Conv2dCfg) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Conv);
     let dev = dy.check_same("conv2d_backward_data", &[w])?;
     let y_shape = conv2d_output_shape(x_shape, w.shape(), cfg)?;
     crate::ensure_shape!(dy.shape() == y_shape, "conv2d_backward_data", "dy {:?} != output {:?}", dy.shape(), y_shape);
@@ -84,6 +86,7 @@ pub fn conv2d_backward_data(dy: &Tensor, w: &Tensor, x_shape: &[usize], cfg: Con
 
 /// Gradient with respect to the weight.
 pub fn conv2d_backward_filter(dy: &Tensor, x: &Tensor, w_shape: &[usize], cfg: Conv2dCfg) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Conv);
     let dev = dy.check_same("conv2d_backward_filter", &[x])?;
     let y_shape = conv2d_output_shape(x.shape(), w_shape, cfg)?;
     crate::ensure_shape!(dy.shape() == y_shape, "conv2d_backward_filter", "dy {:?} != output {:?}", dy.shape(), y_shape);
@@ -95,6 +98,7 @@ pub fn conv2d_backward_filter(dy: &Tensor, x: &Tensor, w_shape: &[usize], cfg: C
 
 /// Gradient with respect to the bias: dy summed over N, H and W.
 pub fn conv2d_backward_bias(dy: &Tensor) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Conv);
     let dev = dy.check_same("conv2d_backward_bias", &[])?;
     dy.dims4("conv2d_backward_bias")?;
     match dev {

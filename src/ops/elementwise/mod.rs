@@ -18,6 +18,7 @@ pub fn check_broadcast(op: &'static str, a: &[usize], b: &[usize]) -> Result<()>
 }
 
 pub fn relu_forward(x: &Tensor) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Elementwise);
     match x.check_same("relu_forward", &[])? {
         Device::Cpu => cpu::relu_forward(x),
         Device::Cuda => cuda::relu_forward(x),
@@ -26,6 +27,7 @@ pub fn relu_forward(x: &Tensor) -> Result<Tensor> {
 
 /// dx = dy where y > 0, else 0 (y is the forward output).
 pub fn relu_backward(dy: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Elementwise);
     let dev = dy.check_same("relu_backward", &[y])?;
     crate::ensure_shape!(dy.shape() == y.shape(), "relu_backward", "dy {:?} != y {:?}", dy.shape(), y.shape());
     match dev {
@@ -35,6 +37,7 @@ pub fn relu_backward(dy: &Tensor, y: &Tensor) -> Result<Tensor> {
 }
 
 pub fn sigmoid_forward(x: &Tensor) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Elementwise);
     match x.check_same("sigmoid_forward", &[])? {
         Device::Cpu => cpu::sigmoid_forward(x),
         Device::Cuda => cuda::sigmoid_forward(x),
@@ -43,6 +46,7 @@ pub fn sigmoid_forward(x: &Tensor) -> Result<Tensor> {
 
 /// dx = dy * y * (1 - y) (y is the forward output).
 pub fn sigmoid_backward(dy: &Tensor, y: &Tensor) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Elementwise);
     let dev = dy.check_same("sigmoid_backward", &[y])?;
     crate::ensure_shape!(dy.shape() == y.shape(), "sigmoid_backward", "dy {:?} != y {:?}", dy.shape(), y.shape());
     match dev {
@@ -53,6 +57,7 @@ pub fn sigmoid_backward(dy: &Tensor, y: &Tensor) -> Result<Tensor> {
 
 /// a + b, with b broadcast to a's shape.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Elementwise);
     let dev = a.check_same("add", &[b])?;
     check_broadcast("add", a.shape(), b.shape())?;
     match dev {
@@ -63,6 +68,7 @@ pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// a * b, with b broadcast to a's shape.
 pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Elementwise);
     let dev = a.check_same("mul", &[b])?;
     check_broadcast("mul", a.shape(), b.shape())?;
     match dev {
@@ -73,6 +79,7 @@ pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 
 /// Returns (da, db) of `mul(a, b)`; db is reduced to b's shape.
 pub fn mul_backward(dy: &Tensor, a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
+    let _p = crate::profile::scope(crate::profile::Family::Elementwise);
     let dev = a.check_same("mul_backward", &[dy, b])?;
     check_broadcast("mul_backward", a.shape(), b.shape())?;
     crate::ensure_shape!(dy.shape() == a.shape(), "mul_backward", "dy {:?} != a {:?}", dy.shape(), a.shape());
@@ -84,6 +91,7 @@ pub fn mul_backward(dy: &Tensor, a: &Tensor, b: &Tensor) -> Result<(Tensor, Tens
 
 /// Sums x over the broadcast dims so the result has `shape` (the backward of broadcasting).
 pub fn sum_to_shape(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Elementwise);
     let dev = x.check_same("sum_to_shape", &[])?;
     check_broadcast("sum_to_shape", x.shape(), shape)?;
     if x.shape() == shape {
@@ -97,6 +105,7 @@ pub fn sum_to_shape(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
 
 /// x broadcast to `shape` (the backward of `sum_to_shape` and of `sum_all`).
 pub fn broadcast_to(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Elementwise);
     let dev = x.check_same("broadcast_to", &[])?;
     check_broadcast("broadcast_to", shape, x.shape())?;
     if x.shape() == shape {
@@ -110,6 +119,7 @@ pub fn broadcast_to(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
 
 /// alpha * x for a constant alpha.
 pub fn scale(x: &Tensor, alpha: f32) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Elementwise);
     match x.check_same("scale", &[])? {
         Device::Cpu => cpu::scale(x, alpha),
         Device::Cuda => cuda::scale(x, alpha),
@@ -118,6 +128,7 @@ pub fn scale(x: &Tensor, alpha: f32) -> Result<Tensor> {
 
 /// Sum of all elements, shape [1].
 pub fn sum_all(x: &Tensor) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Elementwise);
     match x.check_same("sum_all", &[])? {
         Device::Cpu => cpu::sum_all(x),
         Device::Cuda => cuda::sum_all(x),
@@ -126,6 +137,7 @@ pub fn sum_all(x: &Tensor) -> Result<Tensor> {
 
 /// Row-wise x / max(||x||_2, 1e-12) of an [N, D] tensor (torch.nn.functional.normalize).
 pub fn l2_normalize_forward(x: &Tensor) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Elementwise);
     let dev = x.check_same("l2_normalize_forward", &[])?;
     x.dims2("l2_normalize_forward")?;
     match dev {
@@ -135,6 +147,7 @@ pub fn l2_normalize_forward(x: &Tensor) -> Result<Tensor> {
 }
 
 pub fn l2_normalize_backward(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Elementwise);
     let dev = x.check_same("l2_normalize_backward", &[dy])?;
     x.dims2("l2_normalize_backward")?;
     crate::ensure_shape!(dy.shape() == x.shape(), "l2_normalize_backward", "dy {:?} != x {:?}", dy.shape(), x.shape());
@@ -146,6 +159,7 @@ pub fn l2_normalize_backward(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
 
 /// Concatenation along `axis`; all other dims must agree.
 pub fn concat(xs: &[&Tensor], axis: usize) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Elementwise);
     crate::ensure_shape!(!xs.is_empty(), "concat", "nothing to concatenate");
     let dev = xs[0].check_same("concat", &xs[1..])?;
     let first = xs[0].shape();
@@ -163,6 +177,7 @@ pub fn concat(xs: &[&Tensor], axis: usize) -> Result<Tensor> {
 
 /// The slice [start, start + len) of x along `axis` (copied).
 pub fn narrow(x: &Tensor, axis: usize, start: usize, len: usize) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Elementwise);
     let dev = x.check_same("narrow", &[])?;
     let s = x.shape();
     crate::ensure_shape!(

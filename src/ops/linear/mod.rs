@@ -16,6 +16,7 @@ fn check(op: &'static str, x: &[usize], w: &[usize], b: Option<&[usize]>) -> Res
 }
 
 pub fn linear_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Linear);
     let others: Vec<&Tensor> = std::iter::once(w).chain(b).collect();
     let dev = x.check_same("linear_forward", &others)?;
     let dims = check("linear_forward", x.shape(), w.shape(), b.map(|b| b.shape()))?;
@@ -27,6 +28,7 @@ pub fn linear_forward(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tens
 
 /// Returns (dx, dw, db); db is dy summed over the batch.
 pub fn linear_backward(dy: &Tensor, x: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let _p = crate::profile::scope(crate::profile::Family::Linear);
     let dev = x.check_same("linear_backward", &[dy, w])?;
     let dims = check("linear_backward", x.shape(), w.shape(), None)?;
     crate::ensure_shape!(dy.shape() == [dims.0, dims.2], "linear_backward", "dy {:?} != output [{}, {}]", dy.shape(), dims.0, dims.2);

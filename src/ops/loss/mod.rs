@@ -22,6 +22,7 @@ fn check_dloss(op: &'static str, dloss: &Tensor) -> Result<()> {
 
 /// mean_i of -sum_k q_ik log softmax(z_i)_k with q_ik = (1 - eps) [k = y_i] + eps / K.
 pub fn cross_entropy_label_smooth_forward(logits: &Tensor, labels: &[usize], eps: f32) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Loss);
     const OP: &str = "cross_entropy_label_smooth";
     let dev = logits.check_same(OP, &[])?;
     let (_, k) = check_rows(OP, logits, labels)?;
@@ -35,6 +36,7 @@ pub fn cross_entropy_label_smooth_forward(logits: &Tensor, labels: &[usize], eps
 }
 
 pub fn cross_entropy_label_smooth_backward(dloss: &Tensor, logits: &Tensor, labels: &[usize], eps: f32) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Loss);
     const OP: &str = "cross_entropy_label_smooth_backward";
     let dev = logits.check_same(OP, &[dloss])?;
     check_rows(OP, logits, labels)?;
@@ -49,6 +51,7 @@ pub fn cross_entropy_label_smooth_backward(dloss: &Tensor, logits: &Tensor, labe
 /// with d_ij = sqrt(clamp(|a_i|^2 + |a_j|^2 - 2 a_i.a_j, 1e-12)). Anchors with no negative in the
 /// batch are an error (a PK batch always has them).
 pub fn triplet_soft_margin_forward(x: &Tensor, labels: &[usize]) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Loss);
     const OP: &str = "triplet_soft_margin";
     let dev = x.check_same(OP, &[])?;
     check_rows(OP, x, labels)?;
@@ -60,6 +63,7 @@ pub fn triplet_soft_margin_forward(x: &Tensor, labels: &[usize]) -> Result<Tenso
 }
 
 pub fn triplet_soft_margin_backward(dloss: &Tensor, x: &Tensor, labels: &[usize]) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Loss);
     const OP: &str = "triplet_soft_margin_backward";
     let dev = x.check_same(OP, &[dloss])?;
     check_rows(OP, x, labels)?;
@@ -73,6 +77,7 @@ pub fn triplet_soft_margin_backward(dloss: &Tensor, x: &Tensor, labels: &[usize]
 /// mean over samples with label < K of clamp(|x_i - c_{y_i}|^2, 1e-12, 1e12) (no 1/2 factor).
 /// Samples whose label has no center are left out, as the official code does for CUHK03.
 pub fn center_loss_forward(x: &Tensor, labels: &[usize], centers: &Tensor) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Loss);
     const OP: &str = "center_loss";
     let dev = x.check_same(OP, &[centers])?;
     let (_, d) = check_rows(OP, x, labels)?;
@@ -86,6 +91,7 @@ pub fn center_loss_forward(x: &Tensor, labels: &[usize], centers: &Tensor) -> Re
 
 /// Returns (dx, dcenters).
 pub fn center_loss_backward(dloss: &Tensor, x: &Tensor, labels: &[usize], centers: &Tensor) -> Result<(Tensor, Tensor)> {
+    let _p = crate::profile::scope(crate::profile::Family::Loss);
     const OP: &str = "center_loss_backward";
     let dev = x.check_same(OP, &[dloss, centers])?;
     check_rows(OP, x, labels)?;

@@ -41,6 +41,7 @@ fn check_dy(op: &'static str, dy: &Tensor, expected: &[usize]) -> Result<()> {
 }
 
 pub fn max_pool2d_forward(x: &Tensor, cfg: Pool2dCfg) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Pool);
     let dev = x.check_same("max_pool2d_forward", &[])?;
     let y = pool2d_output_shape("max_pool2d_forward", x.shape(), cfg)?;
     match dev {
@@ -51,6 +52,7 @@ pub fn max_pool2d_forward(x: &Tensor, cfg: Pool2dCfg) -> Result<Tensor> {
 
 /// The gradient goes to the first maximum of each window (PyTorch's tie rule), found again from x.
 pub fn max_pool2d_backward(dy: &Tensor, x: &Tensor, cfg: Pool2dCfg) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Pool);
     let dev = x.check_same("max_pool2d_backward", &[dy])?;
     let y = pool2d_output_shape("max_pool2d_backward", x.shape(), cfg)?;
     check_dy("max_pool2d_backward", dy, &y)?;
@@ -61,6 +63,7 @@ pub fn max_pool2d_backward(dy: &Tensor, x: &Tensor, cfg: Pool2dCfg) -> Result<Te
 }
 
 pub fn avg_pool2d_forward(x: &Tensor, cfg: Pool2dCfg) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Pool);
     let dev = x.check_same("avg_pool2d_forward", &[])?;
     let y = pool2d_output_shape("avg_pool2d_forward", x.shape(), cfg)?;
     match dev {
@@ -70,6 +73,7 @@ pub fn avg_pool2d_forward(x: &Tensor, cfg: Pool2dCfg) -> Result<Tensor> {
 }
 
 pub fn avg_pool2d_backward(dy: &Tensor, x_shape: &[usize], cfg: Pool2dCfg) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Pool);
     let dev = dy.check_same("avg_pool2d_backward", &[])?;
     let y = pool2d_output_shape("avg_pool2d_backward", x_shape, cfg)?;
     check_dy("avg_pool2d_backward", dy, &y)?;
@@ -81,6 +85,7 @@ pub fn avg_pool2d_backward(dy: &Tensor, x_shape: &[usize], cfg: Pool2dCfg) -> Re
 
 /// [N, C, H, W] -> [N, C, 1, 1] mean over H and W.
 pub fn global_avg_pool_forward(x: &Tensor) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Pool);
     let dev = x.check_same("global_avg_pool_forward", &[])?;
     x.dims4("global_avg_pool_forward")?;
     match dev {
@@ -90,6 +95,7 @@ pub fn global_avg_pool_forward(x: &Tensor) -> Result<Tensor> {
 }
 
 pub fn global_avg_pool_backward(dy: &Tensor, x_shape: &[usize]) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Pool);
     let dev = dy.check_same("global_avg_pool_backward", &[])?;
     crate::ensure_shape!(x_shape.len() == 4, "global_avg_pool_backward", "expected NCHW input shape, got {x_shape:?}");
     check_dy("global_avg_pool_backward", dy, &[x_shape[0], x_shape[1], 1, 1])?;
@@ -101,6 +107,7 @@ pub fn global_avg_pool_backward(dy: &Tensor, x_shape: &[usize]) -> Result<Tensor
 
 /// [N, C, H, W] -> [N, C, 1, 1] maximum over H and W.
 pub fn global_max_pool_forward(x: &Tensor) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Pool);
     let dev = x.check_same("global_max_pool_forward", &[])?;
     x.dims4("global_max_pool_forward")?;
     match dev {
@@ -111,6 +118,7 @@ pub fn global_max_pool_forward(x: &Tensor) -> Result<Tensor> {
 
 /// The gradient goes to the first maximum of each plane.
 pub fn global_max_pool_backward(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Pool);
     let dev = x.check_same("global_max_pool_backward", &[dy])?;
     let (n, c, _, _) = x.dims4("global_max_pool_backward")?;
     check_dy("global_max_pool_backward", dy, &[n, c, 1, 1])?;
@@ -129,6 +137,7 @@ fn check_parts(op: &'static str, x_shape: &[usize], parts: usize) -> Result<()> 
 /// Horizontal stripes: [N, C, H, W] -> [N, parts * C], element (n, p * C + c) the mean of rows
 /// [p H/parts, (p+1) H/parts) of channel c. This is the official code's concatenation order.
 pub fn stripe_avg_pool_forward(x: &Tensor, parts: usize) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Pool);
     let dev = x.check_same("stripe_avg_pool_forward", &[])?;
     check_parts("stripe_avg_pool_forward", x.shape(), parts)?;
     match dev {
@@ -138,6 +147,7 @@ pub fn stripe_avg_pool_forward(x: &Tensor, parts: usize) -> Result<Tensor> {
 }
 
 pub fn stripe_avg_pool_backward(dy: &Tensor, x_shape: &[usize], parts: usize) -> Result<Tensor> {
+    let _p = crate::profile::scope(crate::profile::Family::Pool);
     let dev = dy.check_same("stripe_avg_pool_backward", &[])?;
     check_parts("stripe_avg_pool_backward", x_shape, parts)?;
     check_dy("stripe_avg_pool_backward", dy, &[x_shape[0], parts * x_shape[1]])?;
