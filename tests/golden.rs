@@ -1,9 +1,12 @@
 //! Golden tests against the PyTorch reference (tools/make_fixtures.py, computed in float64 and
-//! stored as f32). Every tensor is compared by its norm-wise relative error
-//! ||ours - golden|| / max(||ours||, ||golden||) < 1e-4, except where the fixture's metadata flags
-//! a gradient as analytically zero (compared absolutely, against the size of a neighbouring
-//! gradient) or as ill-conditioned in f32 (PAM's gamma behind a training-mode BatchNorm: 2e-2).
-//! A missing fixture prints SKIP and passes.
+//! stored as f32). Every output, loss and buffer is compared by its norm-wise relative error
+//! ||ours - golden|| / max(||ours||, ||golden||) < 1e-4. Gradients: the whole gradient (every
+//! parameter's, concatenated) < 1e-4, and each parameter's < 1e-3, the level PyTorch's own f32
+//! kernels reach on this fixture (its metadata `pytorch_f32_norm_rel_err`): the tiny gate layers of
+//! the x0.25 model sum many cancelling terms. Where the fixture's metadata flags a gradient as
+//! analytically zero it is compared absolutely, against the size of a neighbouring gradient; as
+//! ill-conditioned in f32 (PAM's gamma behind a training-mode BatchNorm), at 2e-2.
+//! The fixtures are committed; a missing one fails (regenerate with `python3 tools/make_fixtures.py`).
 
 use std::path::Path;
 
@@ -13,18 +16,16 @@ use plr_engine::nn::Ctx;
 use plr_engine::params::Kind;
 use plr_engine::rng::Rng;
 use plr_engine::testing::norm_rel_err;
-use plr_engine::{ParamStore, Tape, Tensor, Var};
+use plr_engine::testing::cuda_or_skip;
+use plr_engine::{Device, ParamStore, Tape, Tensor, Var};
 
 const TOL: f64 = 1e-4;
+const GRAD_TOL: f64 = 1e-3;
 const ILL_CONDITIONED_TOL: f64 = 2e-2;
 
-fn fixture(name: &str) -> Option<TensorFile> {
+fn fixture(name: &str) -> TensorFile {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
-    if !path.exists() {
-        println!("SKIP: {} is missing (tools/make_fixtures.py writes it)", path.display());
-        return None;
-    }
-    Some(TensorFile::read(&path).unwrap())
+    TensorFile::read(&path).unwrap_or_else(|e| panic!("{e} (python3 tools/make_fixtures.py writes the fixtures)"))
 }
 
 fn meta<T: std::str::FromStr>(f: &TensorFile, key: &str) -> T {
@@ -45,13 +46,24 @@ fn check(f: &TensorFile, name: &str, ours: &Tensor, tol: f64) -> f64 {
     err
 }
 
-fn input(f: &TensorFile) -> Var {
-    Var::constant(f.tensor("input").unwrap())
+fn input(f: &TensorFile, device: Device) -> Var {
+    Var::constant(f.tensor("input").unwrap().to_device(device).unwrap())
 }
 
 #[test]
 fn plr_small_matches_pytorch_forward_loss_gradients_and_buffers() {
-    let Some(f) = fixture("plr_small.safetensors") else { return };
+    plr_small_golden(Device::Cpu);
+}
+
+#[test]
+fn plr_small_golden_on_cuda() {
+    if cuda_or_skip("plr_small_golden_on_cuda") {
+        plr_small_golden(Device::Cuda);
+    }
+}
+
+fn plr_small_golden(device: Device) {
+    let f = fixture("plr_small.safetensors");
     let channels = channels_for_width(meta(&f, "width")).unwrap();
     let config = PlrConfig { channels, num_classes: meta(&f, "num_classes"), parts: meta(&f, "parts") };
     assert_eq!(f.tensor("input").unwrap().shape(), [meta::<usize>(&f, "batch"), 3, meta(&f, "height"), meta(&f, "width_px")]);
@@ -63,15 +75,16 @@ fn plr_small_matches_pytorch_forward_loss_gradients_and_buffers() {
     let lossfn = PlrLoss::new(&mut store, loss_cfg, config.local_dim(), config.global_dim(), &mut Rng::new(0)).unwrap();
     store.set(lossfn.centers1, f.tensor("centers1").unwrap()).unwrap();
     store.set(lossfn.centers2, f.tensor("centers2").unwrap()).unwrap();
+    store.to_device(device).unwrap();
     let labels: Vec<usize> = f.require("labels").unwrap().as_i64().expect("labels are I64").iter().map(|&l| l as usize).collect();
 
     let mut tape = Tape::no_grad();
-    let feature = model.forward_eval(&mut Ctx::new(&mut tape, &mut store, false), &input(&f)).unwrap();
+    let feature = model.forward_eval(&mut Ctx::new(&mut tape, &mut store, false), &input(&f, device)).unwrap();
     check(&f, "out.eval_feature", feature.value(), TOL);
 
     let mut tape = Tape::new();
     let mut ctx = Ctx::new(&mut tape, &mut store, true);
-    let out = model.forward_train(&mut ctx, &input(&f)).unwrap();
+    let out = model.forward_train(&mut ctx, &input(&f, device)).unwrap();
     let terms = lossfn.forward(&mut ctx, &out, &labels).unwrap();
     for (name, v) in [("out.logits1", &out.logits1), ("out.logits2", &out.logits2), ("out.v1", &out.v1), ("out.v2", &out.v2)] {
         check(&f, name, v.value(), TOL);
@@ -94,6 +107,7 @@ fn plr_small_matches_pytorch_forward_loss_gradients_and_buffers() {
     let ill = meta_list(&f, "ill_conditioned_grads");
     let mut worst = (0.0, String::new());
     let mut checked = 0;
+    let (mut all_ours, mut all_golden) = (Vec::new(), Vec::new());
     for id in store.trainable() {
         let name = format!("grad.{}", store.entry(id).name);
         let ours = grads.param(id).unwrap_or_else(|| panic!("{name}: no gradient"));
@@ -104,16 +118,22 @@ fn plr_small_matches_pytorch_forward_loss_gradients_and_buffers() {
             let ours_max = ours.to_vec().unwrap().iter().fold(0f32, |m, v| m.max(v.abs()));
             assert!(ours_max <= 1e-4 * scale, "{name}: {ours_max:.2e} not negligible next to {scale:.2e}");
         } else {
-            let err = check(&f, &name, ours, if ill.contains(&name) { ILL_CONDITIONED_TOL } else { TOL });
-            if !ill.contains(&name) && err > worst.0 {
-                worst = (err, name);
+            let err = check(&f, &name, ours, if ill.contains(&name) { ILL_CONDITIONED_TOL } else { GRAD_TOL });
+            if !ill.contains(&name) {
+                all_ours.extend(ours.to_vec().unwrap());
+                all_golden.extend(f.require(&name).unwrap().to_f32());
+                if err > worst.0 {
+                    worst = (err, name);
+                }
             }
         }
         checked += 1;
     }
     let golden_grads = f.names().filter(|n| n.starts_with("grad.")).count();
     assert_eq!(checked, golden_grads, "every trainable parameter and only those have a golden gradient");
-    println!("largest gradient error: {:.2e} ({})", worst.0, worst.1);
+    let whole = norm_rel_err(&all_ours, &all_golden);
+    println!("whole gradient error: {whole:.2e}; largest per parameter: {:.2e} ({})", worst.0, worst.1);
+    assert!(whole < TOL, "whole gradient: norm-wise relative error {whole:.2e} >= {TOL:.0e}");
 
     for e in store.entries().iter().filter(|e| matches!(e.kind, Kind::Buffer | Kind::Counter) && !e.name.starts_with("loss.")) {
         let name = format!("after.{}", e.name);
@@ -127,27 +147,39 @@ fn plr_small_matches_pytorch_forward_loss_gradients_and_buffers() {
 
 #[test]
 fn plr_x1_half_weights_match_pytorch_eval_feature() {
-    let Some(f) = fixture("plr_x1_eval.safetensors") else { return };
+    plr_x1_golden(Device::Cpu);
+}
+
+#[test]
+fn plr_x1_golden_on_cuda() {
+    if cuda_or_skip("plr_x1_golden_on_cuda") {
+        plr_x1_golden(Device::Cuda);
+    }
+}
+
+fn plr_x1_golden(device: Device) {
+    let f = fixture("plr_x1_eval.safetensors");
     assert_eq!(meta::<f32>(&f, "width"), 1.0);
     let config = PlrConfig { channels: channels_for_width(1.0).unwrap(), num_classes: meta(&f, "num_classes"), parts: meta(&f, "parts") };
     let mut store = ParamStore::new();
     let model = PlrOsnet::new(&mut store, config, &mut Rng::new(0)).unwrap();
     apply_state_dict(&mut store, &f, "weights.").unwrap();
+    store.to_device(device).unwrap();
     let mut tape = Tape::no_grad();
-    let feature = model.forward_eval(&mut Ctx::new(&mut tape, &mut store, false), &input(&f)).unwrap();
+    let feature = model.forward_eval(&mut Ctx::new(&mut tape, &mut store, false), &input(&f, device)).unwrap();
     assert_eq!(feature.shape(), [meta::<usize>(&f, "batch"), 2560]);
     check(&f, "out.eval_feature", feature.value(), TOL);
 }
 
 #[test]
 fn osnet_small_matches_pytorch_eval_feature() {
-    let Some(f) = fixture("osnet_small.safetensors") else { return };
+    let f = fixture("osnet_small.safetensors");
     let ModelKind::Osnet(config) = detect_model(&f, "weights.").unwrap() else { panic!("not an OSNet fixture") };
     assert_eq!(config.channels, channels_for_width(meta(&f, "width")).unwrap());
     let mut store = ParamStore::new();
     let model = Osnet::new(&mut store, config, &mut Rng::new(0)).unwrap();
     apply_state_dict(&mut store, &f, "weights.").unwrap();
     let mut tape = Tape::no_grad();
-    let out = model.forward(&mut Ctx::new(&mut tape, &mut store, false), &input(&f)).unwrap();
+    let out = model.forward(&mut Ctx::new(&mut tape, &mut store, false), &input(&f, Device::Cpu)).unwrap();
     check(&f, "out.eval_feature", out.feature.value(), TOL);
 }
