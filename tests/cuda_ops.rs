@@ -174,6 +174,25 @@ fn batchnorm_train() {
     }
 }
 
+/// relu(batchnorm(x)) fused, at PLR-OSNet shapes (the LightConv BN at 64x32 and a 1x1 ConvBn at
+/// 16x8) and an odd one.
+#[test]
+fn batchnorm_relu_train() {
+    if !gpu("batchnorm_relu_train") {
+        return;
+    }
+    let mut rng = Rng::new(23);
+    for shape in [vec![64, 64, 64, 32], vec![64, 512, 16, 8], vec![3, 5, 7, 1]] {
+        let c = shape[1];
+        let inputs = [randn(&shape, &mut rng), randn(&[c], &mut rng), randn(&[c], &mut rng), randn(&shape, &mut rng)];
+        check(&format!("batchnorm+relu train {shape:?}"), &inputs, |t| {
+            let (y, stats) = bn::batchnorm_relu_forward_train(&t[0], &t[1], &t[2], bn::BN_EPS)?;
+            let (dx, dgamma, dbeta) = bn::batchnorm_relu_backward_train(&t[3], &y, &t[0], &t[1], &stats)?;
+            Ok(vec![y, stats.mean, stats.invstd, stats.var_unbiased, dx, dgamma, dbeta])
+        });
+    }
+}
+
 #[test]
 fn batchnorm_eval() {
     if !gpu("batchnorm_eval") {
