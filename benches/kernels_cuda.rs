@@ -13,7 +13,8 @@
 //! Each sample times `iters` back-to-back calls between two stream synchronisations, so the
 //! figures include the engine's host-side launch cost (what a training step pays), not one sync
 //! per call. The depthwise layers run twice: the engine's kernels and cuDNN's grouped convolution
-//! (`set_depthwise_impl`).
+//! (`set_depthwise_impl`); BatchNorm runs alone, fused with the ReLU after it, and as the two
+//! separate ops the fusion replaces.
 
 use std::hint::black_box;
 use std::sync::Mutex;
@@ -160,6 +161,22 @@ fn batchnorm(c: &mut Criterion, rng: &mut Rng) {
         });
         gpu_bench(&mut g, &name, "backward", bytes(&[&shape, &shape, &shape]), || {
             bn::batchnorm_backward_train(&dy, &x, &gamma, &stats).expect("backward")
+        });
+        // BN followed by ReLU: the fused op against the two ops it replaces (same minimal bytes).
+        let (y, _) = bn::batchnorm_relu_forward_train(&x, &gamma, &beta, bn::BN_EPS).expect("forward");
+        gpu_bench(&mut g, &name, "relu_fused_forward", bytes(&[&shape, &shape]), || {
+            bn::batchnorm_relu_forward_train(&x, &gamma, &beta, bn::BN_EPS).expect("forward")
+        });
+        gpu_bench(&mut g, &name, "relu_unfused_forward", bytes(&[&shape, &shape]), || {
+            let (z, s) = bn::batchnorm_forward_train(&x, &gamma, &beta, bn::BN_EPS).expect("forward");
+            (ew::relu_forward(&z).expect("relu"), s)
+        });
+        gpu_bench(&mut g, &name, "relu_fused_backward", bytes(&[&shape, &shape, &shape, &shape]), || {
+            bn::batchnorm_relu_backward_train(&dy, &y, &x, &gamma, &stats).expect("backward")
+        });
+        gpu_bench(&mut g, &name, "relu_unfused_backward", bytes(&[&shape, &shape, &shape, &shape]), || {
+            let dz = ew::relu_backward(&dy, &y).expect("relu backward");
+            bn::batchnorm_backward_train(&dz, &x, &gamma, &stats).expect("backward")
         });
         g.finish();
     }
