@@ -59,7 +59,6 @@ enum Op {
     Param(ParamId),
     Conv2d { x: Src, w: Src, b: Src, x_val: Tensor, w_val: Tensor, cfg: Conv2dCfg },
     BatchNormTrain { x: Src, gamma: Src, beta: Src, x_val: Tensor, gamma_val: Tensor, stats: BnBatchStats },
-    /// relu(batchnorm(x)) fused; y is the output (the ReLU mask).
     BatchNormReluTrain { x: Src, gamma: Src, beta: Src, x_val: Tensor, gamma_val: Tensor, y: Tensor, stats: BnBatchStats },
     BatchNormEval { x: Src, gamma: Src, beta: Src, x_val: Tensor, gamma_val: Tensor, mean: Tensor, var: Tensor, eps: f32 },
     Relu { x: Src, y: Tensor },
@@ -201,8 +200,8 @@ impl Tape {
         Ok((v, stats))
     }
 
-    /// relu(batchnorm_train(x)) as one op: the GPU applies the ReLU in the normalising pass and its
-    /// mask inside the BatchNorm backward.
+    /// relu(batchnorm_train(x)) as one op (the op keeps its output y as the ReLU mask): the GPU
+    /// applies the ReLU in the normalising pass and its mask inside the BatchNorm backward.
     pub fn batchnorm_relu_train(&mut self, x: &Var, gamma: &Var, beta: &Var, eps: f32) -> Result<(Var, BnBatchStats)> {
         let (y, stats) = batchnorm::batchnorm_relu_forward_train(&x.value, &gamma.value, &beta.value, eps)?;
         let need = x.requires_grad() || gamma.requires_grad() || beta.requires_grad();
