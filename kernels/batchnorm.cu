@@ -10,9 +10,11 @@ __device__ __forceinline__ long long bn_index(int j, int c, int C, int HW) {
 }
 
 // Training forward: batch mean, biased variance for the normalisation, unbiased variance for the
-// running statistics, then y = (x - mean) * invstd * gamma + beta.
-extern "C" __global__ void bn_forward_train(const float* x, const float* gamma, const float* beta, float* y, float* mean_out,
-                                            float* invstd_out, float* var_unbiased_out, int N, int C, int HW, float eps) {
+// running statistics, then y = (x - mean) * invstd * gamma + beta, and with relu max(y, 0) in the
+// same pass (BatchNorm followed by ReLU without a second read and write of y).
+__device__ __forceinline__ void bn_forward_train_impl(const float* x, const float* gamma, const float* beta, float* y,
+                                                      float* mean_out, float* invstd_out, float* var_unbiased_out, int N,
+                                                      int C, int HW, float eps, bool relu) {
     __shared__ double scratch[32];
     const int c = blockIdx.x, M = N * HW;
     double s = 0.0;
@@ -33,22 +35,41 @@ extern "C" __global__ void bn_forward_train(const float* x, const float* gamma, 
     const float m = (float)mean, scale = (float)invstd * gamma[c], shift = beta[c];
     for (int j = threadIdx.x; j < M; j += blockDim.x) {
         const long long i = bn_index(j, c, C, HW);
-        y[i] = (x[i] - m) * scale + shift;
+        const float v = (x[i] - m) * scale + shift;
+        y[i] = relu ? fmaxf(v, 0.0f) : v;
     }
+}
+
+extern "C" __global__ void bn_forward_train(const float* x, const float* gamma, const float* beta, float* y, float* mean_out,
+                                            float* invstd_out, float* var_unbiased_out, int N, int C, int HW, float eps) {
+    bn_forward_train_impl(x, gamma, beta, y, mean_out, invstd_out, var_unbiased_out, N, C, HW, eps, false);
+}
+
+// relu(batchnorm(x)).
+extern "C" __global__ void bn_relu_forward_train(const float* x, const float* gamma, const float* beta, float* y,
+                                                 float* mean_out, float* invstd_out, float* var_unbiased_out, int N, int C,
+                                                 int HW, float eps) {
+    bn_forward_train_impl(x, gamma, beta, y, mean_out, invstd_out, var_unbiased_out, N, C, HW, eps, true);
 }
 
 // Training backward with xhat = (x - mean) * invstd, M = N*HW:
 // dgamma = sum dy*xhat, dbeta = sum dy, dx = gamma*invstd*(dy - dbeta/M - xhat*dgamma/M).
-extern "C" __global__ void bn_backward_train(const float* dy, const float* x, const float* gamma, const float* mean,
-                                             const float* invstd, float* dx, float* dgamma, float* dbeta, int N, int C, int HW) {
+// With a ReLU after the BatchNorm, y (its output) is given and dy is masked to y > 0 on load, so
+// the ReLU gradient is never written out.
+__device__ __forceinline__ void bn_backward_train_impl(const float* dy_in, const float* y, const float* x, const float* gamma,
+                                                       const float* mean, const float* invstd, float* dx, float* dgamma,
+                                                       float* dbeta, int N, int C, int HW) {
     __shared__ double scratch[32];
     const int c = blockIdx.x, M = N * HW;
     const float m = mean[c], is = invstd[c];
+    // dy after the ReLU mask when there is one.
+    auto grad = [&](long long i) { return y == nullptr || y[i] > 0.0f ? dy_in[i] : 0.0f; };
     double sdy = 0.0, sdyx = 0.0;
     for (int j = threadIdx.x; j < M; j += blockDim.x) {
         const long long i = bn_index(j, c, C, HW);
-        sdy += dy[i];
-        sdyx += (double)dy[i] * ((x[i] - m) * is);
+        const float g = grad(i);
+        sdy += g;
+        sdyx += (double)g * ((x[i] - m) * is);
     }
     const double sum_dy = block_sum_d(sdy, scratch);
     const double sum_dy_xhat = block_sum_d(sdyx, scratch);
@@ -59,8 +80,20 @@ extern "C" __global__ void bn_backward_train(const float* dy, const float* x, co
     const float k = gamma[c] * is, mdy = (float)(sum_dy / M), mdyx = (float)(sum_dy_xhat / M);
     for (int j = threadIdx.x; j < M; j += blockDim.x) {
         const long long i = bn_index(j, c, C, HW);
-        dx[i] = k * (dy[i] - mdy - (x[i] - m) * is * mdyx);
+        dx[i] = k * (grad(i) - mdy - (x[i] - m) * is * mdyx);
     }
+}
+
+extern "C" __global__ void bn_backward_train(const float* dy, const float* x, const float* gamma, const float* mean,
+                                             const float* invstd, float* dx, float* dgamma, float* dbeta, int N, int C, int HW) {
+    bn_backward_train_impl(dy, nullptr, x, gamma, mean, invstd, dx, dgamma, dbeta, N, C, HW);
+}
+
+// Backward of relu(batchnorm(x)) given its output y.
+extern "C" __global__ void bn_relu_backward_train(const float* dy, const float* y, const float* x, const float* gamma,
+                                                  const float* mean, const float* invstd, float* dx, float* dgamma, float* dbeta,
+                                                  int N, int C, int HW) {
+    bn_backward_train_impl(dy, y, x, gamma, mean, invstd, dx, dgamma, dbeta, N, C, HW);
 }
 
 // Eval forward with the running statistics, elementwise over all N*C*HW values.

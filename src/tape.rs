@@ -59,6 +59,7 @@ enum Op {
     Param(ParamId),
     Conv2d { x: Src, w: Src, b: Src, x_val: Tensor, w_val: Tensor, cfg: Conv2dCfg },
     BatchNormTrain { x: Src, gamma: Src, beta: Src, x_val: Tensor, gamma_val: Tensor, stats: BnBatchStats },
+    BatchNormReluTrain { x: Src, gamma: Src, beta: Src, x_val: Tensor, gamma_val: Tensor, y: Tensor, stats: BnBatchStats },
     BatchNormEval { x: Src, gamma: Src, beta: Src, x_val: Tensor, gamma_val: Tensor, mean: Tensor, var: Tensor, eps: f32 },
     Relu { x: Src, y: Tensor },
     Sigmoid { x: Src, y: Tensor },
@@ -195,6 +196,24 @@ impl Tape {
             x_val: x.value.clone(),
             gamma_val: gamma.value.clone(),
             stats: saved,
+        });
+        Ok((v, stats))
+    }
+
+    /// relu(batchnorm_train(x)) as one op (the op keeps its output y as the ReLU mask): the GPU
+    /// applies the ReLU in the normalising pass and its mask inside the BatchNorm backward.
+    pub fn batchnorm_relu_train(&mut self, x: &Var, gamma: &Var, beta: &Var, eps: f32) -> Result<(Var, BnBatchStats)> {
+        let (y, stats) = batchnorm::batchnorm_relu_forward_train(&x.value, &gamma.value, &beta.value, eps)?;
+        let need = x.requires_grad() || gamma.requires_grad() || beta.requires_grad();
+        let (saved_y, saved_stats) = (y.clone(), stats.clone());
+        let v = self.push(y, need, || Op::BatchNormReluTrain {
+            x: src(x),
+            gamma: src(gamma),
+            beta: src(beta),
+            x_val: x.value.clone(),
+            gamma_val: gamma.value.clone(),
+            y: saved_y,
+            stats: saved_stats,
         });
         Ok((v, stats))
     }
@@ -401,6 +420,12 @@ impl Tape {
                 }
                 Op::BatchNormTrain { x, gamma, beta, x_val, gamma_val, stats } => {
                     let (dx, dgamma, dbeta) = batchnorm::batchnorm_backward_train(&dy, &x_val, &gamma_val, &stats)?;
+                    give(x, dx)?;
+                    give(gamma, dgamma)?;
+                    give(beta, dbeta)?;
+                }
+                Op::BatchNormReluTrain { x, gamma, beta, x_val, gamma_val, y, stats } => {
+                    let (dx, dgamma, dbeta) = batchnorm::batchnorm_relu_backward_train(&dy, &y, &x_val, &gamma_val, &stats)?;
                     give(x, dx)?;
                     give(gamma, dgamma)?;
                     give(beta, dbeta)?;

@@ -79,6 +79,73 @@ fn conv2d() {
     }
 }
 
+/// PLR-OSNet's depthwise 3x3 layers at batch 64 (LightConv mid channels of conv2..conv5 and the
+/// part branch's 512 at their feature-map sizes), plus odd shapes: planes narrower than a warp,
+/// heights not a multiple of the kernel's 4-row strips, a single pixel.
+const DEPTHWISE_SHAPES: [[usize; 4]; 8] =
+    [[64, 64, 64, 32], [64, 96, 32, 16], [64, 128, 16, 8], [64, 512, 16, 8], [64, 256, 32, 16], [3, 5, 7, 9], [2, 3, 6, 1], [5, 4, 1, 1]];
+
+#[test]
+fn depthwise_3x3_engine_kernels() {
+    if !gpu("depthwise_3x3_engine_kernels") {
+        return;
+    }
+    use plr_engine::cuda::dwconv;
+    let mut rng = Rng::new(21);
+    for xs in DEPTHWISE_SHAPES {
+        let c = xs[1];
+        let cfg = Conv2dCfg::new(1, 1, c);
+        let inputs = [randn(&xs, &mut rng), randn(&[c, 1, 3, 3], &mut rng), randn(&xs, &mut rng)];
+        let on_cpu = [
+            conv::conv2d_forward(&inputs[0], &inputs[1], None, cfg).unwrap(),
+            conv::conv2d_backward_data(&inputs[2], &inputs[1], &xs, cfg).unwrap(),
+            conv::conv2d_backward_filter(&inputs[2], &inputs[0], &[c, 1, 3, 3], cfg).unwrap(),
+        ];
+        let d: Vec<Tensor> = inputs.iter().map(|t| t.to_device(Device::Cuda).unwrap()).collect();
+        let on_gpu = [
+            dwconv::forward(&d[0], &d[1]).unwrap(),
+            dwconv::backward_data(&d[2], &d[1]).unwrap(),
+            dwconv::backward_filter(&d[2], &d[0]).unwrap(),
+        ];
+        for ((what, c), g) in ["forward", "backward data", "backward filter"].iter().zip(&on_cpu).zip(&on_gpu) {
+            assert_close(&format!("engine depthwise {what} x {xs:?}"), c, g);
+        }
+        // No atomics: a second run gives the same bits.
+        let again = dwconv::backward_filter(&d[2], &d[0]).unwrap();
+        assert_eq!(again.to_vec().unwrap(), on_gpu[2].to_vec().unwrap(), "filter gradient not deterministic at {xs:?}");
+    }
+    // Shapes these kernels do not handle are refused with an error naming them.
+    let x = Tensor::zeros(&[2, 4, 5, 5], Device::Cuda).unwrap();
+    let e = dwconv::forward(&x, &Tensor::zeros(&[4, 1, 5, 5], Device::Cuda).unwrap()).unwrap_err().to_string();
+    assert!(e.contains("[4, 1, 5, 5]"), "{e}");
+}
+
+/// The conv op routes depthwise 3x3 layers to the engine's kernels or to cuDNN as chosen at run
+/// time; both agree with the CPU. (Other tests in this binary may run their depthwise case on
+/// either implementation meanwhile; both are correct.)
+#[test]
+fn depthwise_3x3_either_implementation_through_the_conv_op() {
+    if !gpu("depthwise_3x3_either_implementation_through_the_conv_op") {
+        return;
+    }
+    use plr_engine::cuda::dwconv::{depthwise_impl, set_depthwise_impl, DepthwiseImpl};
+    let mut rng = Rng::new(22);
+    let xs = [64, 128, 32, 16];
+    let cfg = Conv2dCfg::new(1, 1, 128);
+    let inputs = [randn(&xs, &mut rng), randn(&[128, 1, 3, 3], &mut rng), randn(&xs, &mut rng), randn(&[128], &mut rng)];
+    for choice in [DepthwiseImpl::Cudnn, DepthwiseImpl::Engine] {
+        set_depthwise_impl(choice);
+        assert_eq!(depthwise_impl().unwrap(), choice);
+        check(&format!("depthwise through conv2d, {choice:?}"), &inputs, |t| {
+            Ok(vec![
+                conv::conv2d_forward(&t[0], &t[1], Some(&t[3]), cfg)?,
+                conv::conv2d_backward_data(&t[2], &t[1], t[0].shape(), cfg)?,
+                conv::conv2d_backward_filter(&t[2], &t[0], t[1].shape(), cfg)?,
+            ])
+        });
+    }
+}
+
 #[test]
 fn batchnorm_train() {
     if !gpu("batchnorm_train") {
@@ -103,6 +170,25 @@ fn batchnorm_train() {
             let (mut rm, mut rv) = (t[4].clone(), t[5].clone());
             bn::batchnorm_update_running(&mut rm, &mut rv, &stats, bn::BN_MOMENTUM)?;
             Ok(vec![y, stats.mean, stats.invstd, stats.var_unbiased, dx, dgamma, dbeta, rm, rv])
+        });
+    }
+}
+
+/// relu(batchnorm(x)) fused, at PLR-OSNet shapes (the LightConv BN at 64x32 and a 1x1 ConvBn at
+/// 16x8) and an odd one.
+#[test]
+fn batchnorm_relu_train() {
+    if !gpu("batchnorm_relu_train") {
+        return;
+    }
+    let mut rng = Rng::new(23);
+    for shape in [vec![64, 64, 64, 32], vec![64, 512, 16, 8], vec![3, 5, 7, 1]] {
+        let c = shape[1];
+        let inputs = [randn(&shape, &mut rng), randn(&[c], &mut rng), randn(&[c], &mut rng), randn(&shape, &mut rng)];
+        check(&format!("batchnorm+relu train {shape:?}"), &inputs, |t| {
+            let (y, stats) = bn::batchnorm_relu_forward_train(&t[0], &t[1], &t[2], bn::BN_EPS)?;
+            let (dx, dgamma, dbeta) = bn::batchnorm_relu_backward_train(&t[3], &y, &t[0], &t[1], &stats)?;
+            Ok(vec![y, stats.mean, stats.invstd, stats.var_unbiased, dx, dgamma, dbeta])
         });
     }
 }

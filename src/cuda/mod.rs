@@ -9,6 +9,7 @@
 mod alloc;
 pub(crate) mod cublas;
 pub(crate) mod cudnn;
+pub mod dwconv;
 pub mod nvrtc;
 pub mod optim;
 

@@ -261,7 +261,7 @@ mod tests {
     #[test]
     fn every_family_has_a_kernel_file() {
         let files: Vec<&str> = kernel_files().collect();
-        for f in ["elementwise.cu", "batchnorm.cu", "pool.cu", "attention.cu", "loss.cu", "optim.cu"] {
+        for f in ["elementwise.cu", "batchnorm.cu", "pool.cu", "attention.cu", "loss.cu", "optim.cu", "dwconv.cu"] {
             assert!(files.contains(&f), "missing kernels/{f}");
         }
     }

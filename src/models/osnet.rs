@@ -78,11 +78,10 @@ impl ConvBn {
 
     pub fn forward(&self, ctx: &mut Ctx, x: &Var) -> Result<Var> {
         let y = self.conv.forward(ctx, x)?;
-        let y = self.bn.forward(ctx, &y)?;
         if self.relu {
-            ctx.tape.relu(&y)
+            self.bn.forward_relu(ctx, &y)
         } else {
-            Ok(y)
+            self.bn.forward(ctx, &y)
         }
     }
 }
@@ -106,8 +105,7 @@ impl LightConv3x3 {
     fn forward(&self, ctx: &mut Ctx, x: &Var) -> Result<Var> {
         let y = self.conv1.forward(ctx, x)?;
         let y = self.conv2.forward(ctx, &y)?;
-        let y = self.bn.forward(ctx, &y)?;
-        ctx.tape.relu(&y)
+        self.bn.forward_relu(ctx, &y)
     }
 }
 

@@ -90,13 +90,27 @@ impl BatchNorm {
     /// Training mode normalises with the batch statistics and folds them into the running
     /// averages; eval mode uses the running averages.
     pub fn forward(&self, ctx: &mut Ctx, x: &Var) -> Result<Var> {
+        self.forward_impl(ctx, x, false)
+    }
+
+    /// relu(forward(x)); in training one fused op (the GPU saves a pass over the output each way).
+    pub fn forward_relu(&self, ctx: &mut Ctx, x: &Var) -> Result<Var> {
+        self.forward_impl(ctx, x, true)
+    }
+
+    fn forward_impl(&self, ctx: &mut Ctx, x: &Var, relu: bool) -> Result<Var> {
         let gamma = ctx.param(self.weight);
         let beta = ctx.param(self.bias);
         if !ctx.train {
             let (mean, var) = (ctx.params.get(self.running_mean), ctx.params.get(self.running_var));
-            return ctx.tape.batchnorm_eval(x, &gamma, &beta, mean, var, BN_EPS);
+            let y = ctx.tape.batchnorm_eval(x, &gamma, &beta, mean, var, BN_EPS)?;
+            return if relu { ctx.tape.relu(&y) } else { Ok(y) };
         }
-        let (y, stats) = ctx.tape.batchnorm_train(x, &gamma, &beta, BN_EPS)?;
+        let (y, stats) = if relu {
+            ctx.tape.batchnorm_relu_train(x, &gamma, &beta, BN_EPS)?
+        } else {
+            ctx.tape.batchnorm_train(x, &gamma, &beta, BN_EPS)?
+        };
         // Taken out of the store for the update so that neither buffer is shared (no copy).
         let mut mean = take(ctx.params, self.running_mean)?;
         let mut var = take(ctx.params, self.running_var)?;

@@ -10,7 +10,15 @@ const FILE: &str = "batchnorm.cu";
 /// (N, C, spatial size)
 type Dims = (usize, usize, usize);
 
-pub(super) fn batchnorm_forward_train(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32, dims: Dims) -> Result<(Tensor, BnBatchStats)> {
+/// With `relu`, relu(batchnorm(x)) in the same pass.
+pub(super) fn batchnorm_forward_train(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+    dims: Dims,
+    relu: bool,
+) -> Result<(Tensor, BnBatchStats)> {
     let (n, c, hw) = dims;
     let (y, py) = empty(x.shape())?;
     let (mean, pm) = empty(&[c])?;
@@ -18,7 +26,7 @@ pub(super) fn batchnorm_forward_train(x: &Tensor, gamma: &Tensor, beta: &Tensor,
     let (var_unbiased, pv) = empty(&[c])?;
     launch(
         FILE,
-        "bn_forward_train",
+        if relu { "bn_relu_forward_train" } else { "bn_forward_train" },
         c as u32,
         BLOCK,
         &[
@@ -38,8 +46,10 @@ pub(super) fn batchnorm_forward_train(x: &Tensor, gamma: &Tensor, beta: &Tensor,
     Ok((y, BnBatchStats { mean, invstd, var_unbiased }))
 }
 
+/// With `relu_out` (the output y of relu(batchnorm(x))), dy is first masked to y > 0.
 pub(super) fn batchnorm_backward_train(
     dy: &Tensor,
+    relu_out: Option<&Tensor>,
     x: &Tensor,
     gamma: &Tensor,
     stats: &BnBatchStats,
@@ -49,25 +59,24 @@ pub(super) fn batchnorm_backward_train(
     let (dx, pdx) = empty(x.shape())?;
     let (dgamma, pdg) = empty(&[c])?;
     let (dbeta, pdb) = empty(&[c])?;
-    launch(
-        FILE,
-        "bn_backward_train",
-        c as u32,
-        BLOCK,
-        &[
-            Arg::Ptr(ptr(dy)?),
-            Arg::Ptr(ptr(x)?),
-            Arg::Ptr(ptr(gamma)?),
-            Arg::Ptr(ptr(&stats.mean)?),
-            Arg::Ptr(ptr(&stats.invstd)?),
-            Arg::Ptr(pdx),
-            Arg::Ptr(pdg),
-            Arg::Ptr(pdb),
-            int(n),
-            int(c),
-            int(hw),
-        ],
-    )?;
+    let mut args = vec![Arg::Ptr(ptr(dy)?)];
+    if let Some(y) = relu_out {
+        args.push(Arg::Ptr(ptr(y)?));
+    }
+    args.extend([
+        Arg::Ptr(ptr(x)?),
+        Arg::Ptr(ptr(gamma)?),
+        Arg::Ptr(ptr(&stats.mean)?),
+        Arg::Ptr(ptr(&stats.invstd)?),
+        Arg::Ptr(pdx),
+        Arg::Ptr(pdg),
+        Arg::Ptr(pdb),
+        int(n),
+        int(c),
+        int(hw),
+    ]);
+    let kernel = if relu_out.is_some() { "bn_relu_backward_train" } else { "bn_backward_train" };
+    launch(FILE, kernel, c as u32, BLOCK, &args)?;
     Ok((dx, dgamma, dbeta))
 }
 

@@ -6,6 +6,7 @@ mod cpu;
 mod cuda;
 
 use crate::error::Result;
+use crate::ops::elementwise::{relu_backward, relu_forward};
 use crate::tensor::{Device, Tensor};
 
 pub const BN_EPS: f32 = 1e-5;
@@ -34,27 +35,67 @@ fn bn_dims(op: &'static str, x: &Tensor, per_channel: &[&Tensor]) -> Result<(usi
 }
 
 pub fn batchnorm_forward_train(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<(Tensor, BnBatchStats)> {
+    forward_train("batchnorm_forward_train", x, gamma, beta, eps, false)
+}
+
+/// relu(batchnorm(x)) in training mode: on the GPU the ReLU is applied in the normalising pass.
+pub fn batchnorm_relu_forward_train(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Result<(Tensor, BnBatchStats)> {
+    forward_train("batchnorm_relu_forward_train", x, gamma, beta, eps, true)
+}
+
+fn forward_train(op: &'static str, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32, relu: bool) -> Result<(Tensor, BnBatchStats)> {
     let _p = crate::profile::scope(crate::profile::Family::BatchNorm);
-    const OP: &str = "batchnorm_forward_train";
-    let dev = x.check_same(OP, &[gamma, beta])?;
-    let (n, c, hw) = bn_dims(OP, x, &[gamma, beta])?;
-    crate::ensure_shape!(n * hw > 1, OP, "training needs more than one value per channel, got input {:?}", x.shape());
+    let dev = x.check_same(op, &[gamma, beta])?;
+    let (n, c, hw) = bn_dims(op, x, &[gamma, beta])?;
+    crate::ensure_shape!(n * hw > 1, op, "training needs more than one value per channel, got input {:?}", x.shape());
     match dev {
-        Device::Cpu => cpu::batchnorm_forward_train(x, gamma, beta, eps, (n, c, hw)),
-        Device::Cuda => cuda::batchnorm_forward_train(x, gamma, beta, eps, (n, c, hw)),
+        Device::Cpu => {
+            let (y, stats) = cpu::batchnorm_forward_train(x, gamma, beta, eps, (n, c, hw))?;
+            Ok((if relu { relu_forward(&y)? } else { y }, stats))
+        }
+        Device::Cuda => cuda::batchnorm_forward_train(x, gamma, beta, eps, (n, c, hw), relu),
     }
 }
 
 /// Returns (dx, dgamma, dbeta).
 pub fn batchnorm_backward_train(dy: &Tensor, x: &Tensor, gamma: &Tensor, stats: &BnBatchStats) -> Result<(Tensor, Tensor, Tensor)> {
+    backward_train("batchnorm_backward_train", dy, None, x, gamma, stats)
+}
+
+/// Backward of y = relu(batchnorm(x)) given y: returns (dx, dgamma, dbeta). On the GPU the ReLU
+/// mask is applied to dy inside the BatchNorm backward.
+pub fn batchnorm_relu_backward_train(
+    dy: &Tensor,
+    y: &Tensor,
+    x: &Tensor,
+    gamma: &Tensor,
+    stats: &BnBatchStats,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    backward_train("batchnorm_relu_backward_train", dy, Some(y), x, gamma, stats)
+}
+
+fn backward_train(
+    op: &'static str,
+    dy: &Tensor,
+    relu_out: Option<&Tensor>,
+    x: &Tensor,
+    gamma: &Tensor,
+    stats: &BnBatchStats,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let _p = crate::profile::scope(crate::profile::Family::BatchNorm);
-    const OP: &str = "batchnorm_backward_train";
-    let dev = x.check_same(OP, &[dy, gamma, &stats.mean, &stats.invstd])?;
-    let dims = bn_dims(OP, x, &[gamma, &stats.mean, &stats.invstd])?;
-    crate::ensure_shape!(dy.shape() == x.shape(), OP, "dy {:?} != x {:?}", dy.shape(), x.shape());
+    let dev = x.check_same(op, &[dy, gamma, &stats.mean, &stats.invstd])?;
+    let dims = bn_dims(op, x, &[gamma, &stats.mean, &stats.invstd])?;
+    crate::ensure_shape!(dy.shape() == x.shape(), op, "dy {:?} != x {:?}", dy.shape(), x.shape());
+    if let Some(y) = relu_out {
+        y.check_same(op, &[x])?;
+        crate::ensure_shape!(y.shape() == x.shape(), op, "y {:?} != x {:?}", y.shape(), x.shape());
+    }
     match dev {
-        Device::Cpu => cpu::batchnorm_backward_train(dy, x, gamma, stats, dims),
-        Device::Cuda => cuda::batchnorm_backward_train(dy, x, gamma, stats, dims),
+        Device::Cpu => match relu_out {
+            Some(y) => cpu::batchnorm_backward_train(&relu_backward(dy, y)?, x, gamma, stats, dims),
+            None => cpu::batchnorm_backward_train(dy, x, gamma, stats, dims),
+        },
+        Device::Cuda => cuda::batchnorm_backward_train(dy, relu_out, x, gamma, stats, dims),
     }
 }
 

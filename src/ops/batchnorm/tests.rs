@@ -142,6 +142,58 @@ fn eval_forward_and_backward_match_f64_reference() {
     }
 }
 
+/// Per channel, the beta that puts the ReLU's kink in the middle of the widest gap between the
+/// central values of gamma * xhat, so that finite differences do not cross it and both signs occur.
+fn beta_off_the_kink(t: &Inputs, shape: &[usize]) -> Tensor {
+    let (n, c, hw) = dims(shape);
+    let zero = vec![0.0; c];
+    let pre = reference_forward(&f64s(&t.x), shape, &f64s(&t.gamma), &zero, None);
+    let beta = (0..c)
+        .map(|ch| {
+            let mut v: Vec<f64> = (0..n).flat_map(|i| (0..hw).map(move |j| (i * c + ch) * hw + j)).map(|k| pre[k]).collect();
+            v.sort_by(f64::total_cmp);
+            let (lo, hi) = (v.len() / 5, v.len() - v.len() / 5 - 1);
+            let k = (lo..hi.max(lo + 1)).max_by(|&a, &b| (v[a + 1] - v[a]).total_cmp(&(v[b + 1] - v[b]))).expect("at least 3 values");
+            -(v[k] + v[k + 1]) as f32 / 2.0
+        })
+        .collect();
+    Tensor::from_vec(beta, &[c]).unwrap()
+}
+
+/// relu(batchnorm(x)) fused: the output is max(0, BN(x)), and the gradients of sum(y * r) are those
+/// of sum(BN(x) * r') with r' = r where BN(x) > 0, else 0.
+#[test]
+fn fused_relu_matches_f64_reference() {
+    let mut rng = Rng::new(4);
+    for shape in SHAPES {
+        let mut t = inputs(shape, &mut rng);
+        t.beta = beta_off_the_kink(&t, shape);
+        let (y, stats) = batchnorm_relu_forward_train(&t.x, &t.gamma, &t.beta, BN_EPS).unwrap();
+        let (x, g, b) = (f64s(&t.x), f64s(&t.gamma), f64s(&t.beta));
+        let pre = reference_forward(&x, shape, &g, &b, None);
+        assert!(pre.iter().any(|&v| v < 0.0) && pre.iter().any(|&v| v > 0.0), "{shape:?}: the mask must matter");
+        let want: Vec<f64> = pre.iter().map(|&v| v.max(0.0)).collect();
+        assert_close(&y, &want, 1e-6, &format!("{shape:?} y"));
+        assert_close(&stats.mean, &batch_moments(&x, shape).iter().map(|&(mu, _)| mu).collect::<Vec<_>>(), 1e-6, "mean");
+
+        let dy = Tensor::randn(shape, 1.0, &mut rng);
+        let (dx, dgamma, dbeta) = batchnorm_relu_backward_train(&dy, &y, &t.x, &t.gamma, &stats).unwrap();
+        let masked: Vec<f64> = f64s(&dy).iter().zip(&pre).map(|(&d, &p)| if p > 0.0 { d } else { 0.0 }).collect();
+        let [rdx, rdg, rdb] = reference_grads(&x, shape, &g, &b, &masked, None);
+        assert_close(&dx, &rdx, 1e-5, &format!("{shape:?} dx"));
+        assert_close(&dgamma, &rdg, 1e-5, &format!("{shape:?} dgamma"));
+        assert_close(&dbeta, &rdb, 1e-5, &format!("{shape:?} dbeta"));
+
+        let leaves = [t.x.clone(), t.gamma.clone(), t.beta.clone()];
+        gradcheck(&leaves, |tape: &mut Tape, v| Ok(tape.batchnorm_relu_train(&v[0], &v[1], &v[2], BN_EPS)?.0), GradCheck::default())
+            .unwrap_or_else(|e| panic!("fused train {shape:?}: {e}"));
+    }
+    let t = inputs(&[2, 3, 4, 5], &mut rng);
+    let (y, stats) = batchnorm_relu_forward_train(&t.x, &t.gamma, &t.beta, BN_EPS).unwrap();
+    let e = batchnorm_relu_backward_train(&y, &y.reshape(&[2, 3, 20]).unwrap(), &t.x, &t.gamma, &stats).unwrap_err();
+    assert!(matches!(e, Error::Shape { op: "batchnorm_relu_backward_train", .. }), "{e}");
+}
+
 #[test]
 fn tape_gradients_match_finite_differences() {
     let mut rng = Rng::new(3);

@@ -1,16 +1,28 @@
-//! CUDA: cuDNN for the convolution and its data and filter gradients; the bias is added with the
-//! broadcast kernel and its gradient is a per-channel sum.
+//! CUDA: cuDNN for the convolution and its data and filter gradients, except depthwise 3x3
+//! stride-1 layers, which go to the engine's own kernels unless PLR_DEPTHWISE=cudnn (see
+//! `cuda::dwconv`); the bias is added with the broadcast kernel and its gradient is a per-channel
+//! sum.
 
 use super::Conv2dCfg;
-use crate::cuda::cudnn;
-use crate::cuda::{empty, ptr};
+use crate::cuda::dwconv::{self, DepthwiseImpl};
+use crate::cuda::{cudnn, empty, ptr};
 use crate::error::Result;
 use crate::ops::elementwise::{add, sum_to_shape};
 use crate::tensor::Tensor;
 
+/// Whether the engine's depthwise kernels run this convolution.
+fn engine_depthwise(x_shape: &[usize], w_shape: &[usize], cfg: Conv2dCfg) -> Result<bool> {
+    Ok(dwconv::handles(x_shape, w_shape, cfg) && dwconv::depthwise_impl()? == DepthwiseImpl::Engine)
+}
+
 pub(super) fn conv2d_forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, cfg: Conv2dCfg, y_shape: &[usize; 4]) -> Result<Tensor> {
-    let (y, py) = empty(y_shape)?;
-    cudnn::conv2d_forward(ptr(x)?, ptr(w)?, py, x.shape(), w.shape(), cfg)?;
+    let y = if engine_depthwise(x.shape(), w.shape(), cfg)? {
+        dwconv::forward(x, w)?
+    } else {
+        let (y, py) = empty(y_shape)?;
+        cudnn::conv2d_forward(ptr(x)?, ptr(w)?, py, x.shape(), w.shape(), cfg)?;
+        y
+    };
     match bias {
         Some(b) => add(&y, &b.reshape(&[1, y_shape[1], 1, 1])?),
         None => Ok(y),
@@ -18,12 +30,18 @@ pub(super) fn conv2d_forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, cfg:
 }
 
 pub(super) fn conv2d_backward_data(dy: &Tensor, w: &Tensor, x_shape: &[usize], cfg: Conv2dCfg) -> Result<Tensor> {
+    if engine_depthwise(x_shape, w.shape(), cfg)? {
+        return dwconv::backward_data(dy, w);
+    }
     let (dx, pdx) = empty(x_shape)?;
     cudnn::conv2d_backward_data(ptr(dy)?, ptr(w)?, pdx, x_shape, w.shape(), cfg)?;
     Ok(dx)
 }
 
 pub(super) fn conv2d_backward_filter(dy: &Tensor, x: &Tensor, w_shape: &[usize], cfg: Conv2dCfg) -> Result<Tensor> {
+    if engine_depthwise(x.shape(), w_shape, cfg)? {
+        return dwconv::backward_filter(dy, x);
+    }
     let (dw, pdw) = empty(w_shape)?;
     cudnn::conv2d_backward_filter(ptr(dy)?, ptr(x)?, pdw, x.shape(), w_shape, cfg)?;
     Ok(dw)
