@@ -23,7 +23,7 @@ use crate::log::JsonLog;
 use crate::models::{channels_for_width, PlrConfig, PlrLoss, PlrLossConfig, PlrOsnet};
 use crate::nn::Ctx;
 use crate::optim::{Adam, AdamConfig, LrSchedule};
-use crate::params::ParamStore;
+use crate::params::{Kind, ParamStore};
 use crate::rng::Rng;
 use crate::tape::{Tape, Var};
 use crate::tensor::{Device, Tensor};
@@ -214,10 +214,17 @@ impl Trainer {
             None => {
                 if let Some(p) = &cfg.model.init_osnet {
                     let r = init_plr_from_osnet(&mut store, p)?;
-                    if r.copied.is_empty() {
-                        return Err(Error::msg(format!("--init-osnet {}: no tensor fits this model (is it an OSNet of width {}?)", p.display(), cfg.model.width)));
+                    // BatchNorm's scalar num_batches_tracked fits any width: count weights only.
+                    let weights = r.copied.iter().filter(|(_, to)| store.id(to).ok().is_some_and(|id| store.entry(id).kind == Kind::Param)).count();
+                    if weights == 0 {
+                        return Err(Error::msg(format!(
+                            "--init-osnet {}: no weight fits this model (is it an OSNet of width {}?{})",
+                            p.display(),
+                            cfg.model.width,
+                            r.skipped.iter().find(|(_, why)| why.contains("shape")).map_or(String::new(), |(n, why)| format!(" {n}: {why}"))
+                        )));
                     }
-                    println!("initialised {} tensors from {} ({} skipped)", r.copied.len(), p.display(), r.skipped.len());
+                    println!("initialised {} tensors ({weights} weights) from {} ({} skipped)", r.copied.len(), p.display(), r.skipped.len());
                 }
                 let adam = Adam::new(AdamConfig { weight_decay: cfg.optim.weight_decay, ..AdamConfig::default() });
                 (adam, 0, Rng::new(derive_seed(cfg.run.seed, &[TRAIN_STREAM])))
