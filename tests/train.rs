@@ -266,6 +266,7 @@ fn training_on_synthetic_data_raises_map_and_eval_command_agrees() {
     let mut t = quiet(Trainer::new(cfg, None).unwrap());
     let summary = t.run().unwrap();
     let (before, after) = (summary.before.unwrap().metrics, summary.after.unwrap().metrics);
+    println!("mAP {:.3} -> {:.3}, rank-1 {:.3} -> {:.3}", before.map, after.map, before.rank1, after.rank1);
     assert!(after.map > before.map + 0.25 && after.rank1 > before.rank1 + 0.25, "mAP {:.3} -> {:.3}, rank-1 {:.3} -> {:.3}", before.map, after.map, before.rank1, after.rank1);
     assert_eq!(summary.checkpoints, vec![checkpoint::path_for(&dir.join("out"), 25)]);
 
