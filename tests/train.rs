@@ -353,6 +353,16 @@ fn bad_input_gives_clear_errors() {
     assert!(e.contains("epoch 1, iteration 1") && e.contains("cannot decode") && e.contains("fatal"), "{e}");
     assert!(victim.exists());
 
+    // A corrupt query image stops the evaluation, named.
+    let query = std::fs::read_dir(dir.join("data/query")).unwrap().map(|e| e.unwrap().path()).min().unwrap();
+    std::fs::write(&query, b"truncated").unwrap();
+    let mut c = tiny_config(&dir.join("data"), &out);
+    c.run.eval_before_training = true;
+    let mut t = quiet(Trainer::new(c, None).unwrap());
+    let e = err_text(t.run());
+    let name = query.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(e.contains(&name) && e.contains("cannot decode") && e.contains("fatal"), "{e}");
+
     // The eval command: unknown dataset name, missing weights.
     let args = |weights: &Path, dataset: &str| EvalArgs {
         weights: weights.to_path_buf(),

@@ -22,7 +22,8 @@ pub fn extract_features(model: &PlrOsnet, store: &mut ParamStore, loader: &Loade
     let dim = model.config.feature_dim();
     let mut features = Vec::with_capacity(loader.samples().len() * dim);
     for b in loader.in_order(batch)? {
-        let x = b?.into_tensor()?.to_device(device)?;
+        let b = b.map_err(|e| Error::msg(format!("feature extraction: {e} (an unreadable query or gallery image is fatal: remove or replace it)")))?;
+        let x = b.into_tensor()?.to_device(device)?;
         let mut tape = Tape::no_grad();
         let mut ctx = Ctx::new(&mut tape, store, false);
         features.extend(model.forward_eval(&mut ctx, &Var::constant(x))?.value().to_vec()?);
