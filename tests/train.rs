@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
+use plr_engine::cli::device::DeviceChoice;
 use plr_engine::cli::eval::{evaluate_weights, EvalArgs};
 use plr_engine::cli::train::TrainArgs;
-use plr_engine::cli::device::DeviceChoice;
 use plr_engine::data::synth::{generate, SynthConfig};
 use plr_engine::io::weights::{load_plr, TensorFile};
 use plr_engine::train::checkpoint::{self, Checkpoint};
@@ -102,8 +102,21 @@ fn config_defaults_file_and_flags_in_order_of_precedence() {
     )
     .unwrap();
     let args = flags(&[
-        "--epochs", "7", "--width", "0.5", "--width-px", "64", "--height", "160", "--device", "cpu", "--learned-centers",
-        "--center-classes", "official", "--random-erasing", "false",
+        "--epochs",
+        "7",
+        "--width",
+        "0.5",
+        "--width-px",
+        "64",
+        "--height",
+        "160",
+        "--device",
+        "cpu",
+        "--learned-centers",
+        "--center-classes",
+        "official",
+        "--random-erasing",
+        "false",
     ]);
     let r = TrainConfig::resolve(&file, &args.overrides()).unwrap();
     assert_eq!(r.data.root.as_deref(), Some(Path::new("/r")));
@@ -238,7 +251,8 @@ fn nan_loss_stops_with_epoch_and_iteration_and_keeps_the_checkpoint() {
     assert_eq!(std::fs::read(&saved).unwrap(), before);
     assert_eq!(Checkpoint::read(&saved).unwrap().meta.epoch, 1);
     assert_eq!(checkpoint::find(&out).unwrap(), saved);
-    let leftovers: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().starts_with('.')).collect();
+    let leftovers: Vec<_> =
+        std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().starts_with('.')).collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
     let log = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
     let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
@@ -267,7 +281,14 @@ fn training_on_synthetic_data_raises_map_and_eval_command_agrees() {
     let summary = t.run().unwrap();
     let (before, after) = (summary.before.unwrap().metrics, summary.after.unwrap().metrics);
     println!("mAP {:.3} -> {:.3}, rank-1 {:.3} -> {:.3}", before.map, after.map, before.rank1, after.rank1);
-    assert!(after.map > before.map + 0.25 && after.rank1 > before.rank1 + 0.25, "mAP {:.3} -> {:.3}, rank-1 {:.3} -> {:.3}", before.map, after.map, before.rank1, after.rank1);
+    assert!(
+        after.map > before.map + 0.25 && after.rank1 > before.rank1 + 0.25,
+        "mAP {:.3} -> {:.3}, rank-1 {:.3} -> {:.3}",
+        before.map,
+        after.map,
+        before.rank1,
+        after.rank1
+    );
     assert_eq!(summary.checkpoints, vec![checkpoint::path_for(&dir.join("out"), 25)]);
 
     // The eval command on the final checkpoint (input size read from it) gives the same numbers.
@@ -331,11 +352,14 @@ fn bad_input_gives_clear_errors() {
     assert!(e.contains("48x32") && e.contains("--height"), "{e}");
     // A plain weights file is not a checkpoint to resume.
     let weights = dir.join("weights.safetensors");
-    plr_engine::cli::export::export(&{
-        let mut t = quiet(Trainer::new(tiny_config(&dir.join("data"), &out), None).unwrap());
-        t.train_epoch().unwrap();
-        t.save_checkpoint().unwrap()
-    }, &weights)
+    plr_engine::cli::export::export(
+        &{
+            let mut t = quiet(Trainer::new(tiny_config(&dir.join("data"), &out), None).unwrap());
+            t.train_epoch().unwrap();
+            t.save_checkpoint().unwrap()
+        },
+        &weights,
+    )
     .unwrap();
     let e = err_text(Checkpoint::read(&weights));
     assert!(e.contains("not a plr-engine training checkpoint"), "{e}");

@@ -305,7 +305,10 @@ impl TrainConfig {
         let bad = |key: &str, why: String| Err(Error::msg(format!("config: {key}: {why}")));
         parse_dataset(&self.data.dataset)?;
         if self.data.batch_ids < 2 {
-            return bad("data.batch_ids (--batch-ids)", format!("{} identities per batch; the triplet loss needs at least 2", self.data.batch_ids));
+            return bad(
+                "data.batch_ids (--batch-ids)",
+                format!("{} identities per batch; the triplet loss needs at least 2", self.data.batch_ids),
+            );
         }
         if self.data.instances < 1 {
             return bad("data.instances (--instances)", "must be at least 1".into());
@@ -326,7 +329,7 @@ impl TrainConfig {
         if !(self.optim.lr > 0.0 && self.optim.lr.is_finite()) {
             return bad("optim.lr (--lr)", format!("{} is not a positive number", self.optim.lr));
         }
-        if !(self.optim.warmup_multiplier >= 1.0) {
+        if self.optim.warmup_multiplier.is_nan() || self.optim.warmup_multiplier < 1.0 {
             return bad("optim.warmup_multiplier", format!("{} must be at least 1", self.optim.warmup_multiplier));
         }
         self.center_classes(1)?;
@@ -361,7 +364,9 @@ impl TrainConfig {
             "official" => Ok(crate::models::OFFICIAL_CENTER_CLASSES),
             n => match n.parse::<usize>() {
                 Ok(n) if n > 0 => Ok(n),
-                _ => Err(Error::msg(format!("config: loss.center_classes (--center-classes): {n:?} is not \"ids\", \"official\" or a positive number"))),
+                _ => Err(Error::msg(format!(
+                    "config: loss.center_classes (--center-classes): {n:?} is not \"ids\", \"official\" or a positive number"
+                ))),
             },
         }
     }
