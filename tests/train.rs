@@ -4,9 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
+use plr_engine::cli::device::DeviceChoice;
 use plr_engine::cli::eval::{evaluate_weights, EvalArgs};
 use plr_engine::cli::train::TrainArgs;
-use plr_engine::cli::device::DeviceChoice;
 use plr_engine::data::synth::{generate, SynthConfig};
 use plr_engine::io::weights::{load_plr, TensorFile};
 use plr_engine::train::checkpoint::{self, Checkpoint};
@@ -102,8 +102,21 @@ fn config_defaults_file_and_flags_in_order_of_precedence() {
     )
     .unwrap();
     let args = flags(&[
-        "--epochs", "7", "--width", "0.5", "--width-px", "64", "--height", "160", "--device", "cpu", "--learned-centers",
-        "--center-classes", "official", "--random-erasing", "false",
+        "--epochs",
+        "7",
+        "--width",
+        "0.5",
+        "--width-px",
+        "64",
+        "--height",
+        "160",
+        "--device",
+        "cpu",
+        "--learned-centers",
+        "--center-classes",
+        "official",
+        "--random-erasing",
+        "false",
     ]);
     let r = TrainConfig::resolve(&file, &args.overrides()).unwrap();
     assert_eq!(r.data.root.as_deref(), Some(Path::new("/r")));
@@ -238,7 +251,8 @@ fn nan_loss_stops_with_epoch_and_iteration_and_keeps_the_checkpoint() {
     assert_eq!(std::fs::read(&saved).unwrap(), before);
     assert_eq!(Checkpoint::read(&saved).unwrap().meta.epoch, 1);
     assert_eq!(checkpoint::find(&out).unwrap(), saved);
-    let leftovers: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().starts_with('.')).collect();
+    let leftovers: Vec<_> =
+        std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().starts_with('.')).collect();
     assert!(leftovers.is_empty(), "temporary files left: {leftovers:?}");
     let log = std::fs::read_to_string(out.join("log.jsonl")).unwrap();
     let last: serde_json::Value = serde_json::from_str(log.lines().last().unwrap()).unwrap();
@@ -250,21 +264,32 @@ fn nan_loss_stops_with_epoch_and_iteration_and_keeps_the_checkpoint() {
 #[test]
 fn training_on_synthetic_data_raises_map_and_eval_command_agrees() {
     let dir = temp_dir("e2e");
-    synth(&dir.join("data"), 40, 10, 3);
+    // 40 training identities x 10 images, 25 epochs of 10 iterations: a model trained from scratch
+    // needs a few hundred iterations (60, with 20 identities, left it at chance level).
+    synth(&dir.join("data"), 80, 10, 1);
     let mut cfg = tiny_config(&dir.join("data"), &dir.join("out"));
     cfg.data.batch_ids = 8;
     cfg.data.instances = 4;
-    cfg.optim.epochs = 12;
-    cfg.optim.warmup_epochs = 2;
-    cfg.optim.milestones = vec![6];
+    cfg.optim.epochs = 25;
+    cfg.optim.warmup_epochs = 3;
+    cfg.optim.milestones = vec![16];
+    cfg.run.seed = 1;
     cfg.run.eval_freq = 0;
     cfg.run.save_freq = 0;
     cfg.run.eval_before_training = true;
     let mut t = quiet(Trainer::new(cfg, None).unwrap());
     let summary = t.run().unwrap();
     let (before, after) = (summary.before.unwrap().metrics, summary.after.unwrap().metrics);
-    assert!(after.map > before.map + 0.10 && after.rank1 > before.rank1 + 0.10, "mAP {:.3} -> {:.3}, rank-1 {:.3} -> {:.3}", before.map, after.map, before.rank1, after.rank1);
-    assert_eq!(summary.checkpoints, vec![checkpoint::path_for(&dir.join("out"), 12)]);
+    println!("mAP {:.3} -> {:.3}, rank-1 {:.3} -> {:.3}", before.map, after.map, before.rank1, after.rank1);
+    assert!(
+        after.map > before.map + 0.25 && after.rank1 > before.rank1 + 0.25,
+        "mAP {:.3} -> {:.3}, rank-1 {:.3} -> {:.3}",
+        before.map,
+        after.map,
+        before.rank1,
+        after.rank1
+    );
+    assert_eq!(summary.checkpoints, vec![checkpoint::path_for(&dir.join("out"), 25)]);
 
     // The eval command on the final checkpoint (input size read from it) gives the same numbers.
     let json = dir.join("eval.json");
@@ -292,7 +317,7 @@ fn training_on_synthetic_data_raises_map_and_eval_command_agrees() {
     let events: Vec<serde_json::Value> =
         std::fs::read_to_string(dir.join("out/log.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let count = |name: &str| events.iter().filter(|e| e["event"] == name).count();
-    assert_eq!((count("start"), count("epoch"), count("eval"), count("checkpoint"), count("end")), (1, 12, 2, 1, 1));
+    assert_eq!((count("start"), count("epoch"), count("eval"), count("checkpoint"), count("end")), (1, 25, 2, 1, 1));
     assert!(dir.join("out/eval.json").is_file());
     std::fs::remove_dir_all(&dir).unwrap();
 }
@@ -327,11 +352,14 @@ fn bad_input_gives_clear_errors() {
     assert!(e.contains("48x32") && e.contains("--height"), "{e}");
     // A plain weights file is not a checkpoint to resume.
     let weights = dir.join("weights.safetensors");
-    plr_engine::cli::export::export(&{
-        let mut t = quiet(Trainer::new(tiny_config(&dir.join("data"), &out), None).unwrap());
-        t.train_epoch().unwrap();
-        t.save_checkpoint().unwrap()
-    }, &weights)
+    plr_engine::cli::export::export(
+        &{
+            let mut t = quiet(Trainer::new(tiny_config(&dir.join("data"), &out), None).unwrap());
+            t.train_epoch().unwrap();
+            t.save_checkpoint().unwrap()
+        },
+        &weights,
+    )
     .unwrap();
     let e = err_text(Checkpoint::read(&weights));
     assert!(e.contains("not a plr-engine training checkpoint"), "{e}");
@@ -348,6 +376,16 @@ fn bad_input_gives_clear_errors() {
     let e = err_text(t.train_epoch());
     assert!(e.contains("epoch 1, iteration 1") && e.contains("cannot decode") && e.contains("fatal"), "{e}");
     assert!(victim.exists());
+
+    // A corrupt query image stops the evaluation, named.
+    let query = std::fs::read_dir(dir.join("data/query")).unwrap().map(|e| e.unwrap().path()).min().unwrap();
+    std::fs::write(&query, b"truncated").unwrap();
+    let mut c = tiny_config(&dir.join("data"), &out);
+    c.run.eval_before_training = true;
+    let mut t = quiet(Trainer::new(c, None).unwrap());
+    let e = err_text(t.run());
+    let name = query.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(e.contains(&name) && e.contains("cannot decode") && e.contains("fatal"), "{e}");
 
     // The eval command: unknown dataset name, missing weights.
     let args = |weights: &Path, dataset: &str| EvalArgs {
@@ -384,5 +422,46 @@ fn binary_reports_config_errors_without_panicking() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("no dataset found"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn init_osnet_copies_the_backbone_or_names_the_mismatch() {
+    use plr_engine::io::weights::save_state_dict;
+    use plr_engine::models::{channels_for_width, Osnet, OsnetConfig};
+    use plr_engine::rng::Rng;
+    use std::collections::HashMap;
+
+    let dir = temp_dir("init");
+    synth(&dir.join("data"), 16, 6, 6);
+    let osnet_file = |width: f32, name: &str| {
+        let mut store = plr_engine::ParamStore::new();
+        Osnet::new(&mut store, OsnetConfig { channels: channels_for_width(width).unwrap(), num_classes: 1000 }, &mut Rng::new(3)).unwrap();
+        let path = dir.join(name);
+        save_state_dict(&store, &path, HashMap::new()).unwrap();
+        (store, path)
+    };
+    let with_init = |path: &Path| {
+        let mut c = tiny_config(&dir.join("data"), &dir.join("out"));
+        c.model.init_osnet = Some(path.to_path_buf());
+        Trainer::new(c, None)
+    };
+
+    // The same width: conv4 lands in both branches, conv1 in the stem.
+    let (osnet, path) = osnet_file(0.25, "x025.safetensors");
+    let t = with_init(&path).unwrap();
+    let value = |s: &plr_engine::ParamStore, n: &str| s.get(s.id(n).unwrap()).to_vec().unwrap();
+    let conv4 = value(&osnet, "conv4.0.conv1.conv.weight");
+    assert_eq!(value(&t.store, "layer30.0.conv1.conv.weight"), conv4);
+    assert_eq!(value(&t.store, "layer31.0.0.conv1.conv.weight"), conv4);
+    assert_eq!(value(&t.store, "layer0.0.conv.weight"), value(&osnet, "conv1.conv.weight"));
+
+    // Another width fits nowhere (only BatchNorm's scalar counters would): an error, not a silent
+    // random init.
+    let (_, wide) = osnet_file(1.0, "x10.safetensors");
+    let e = err_text(with_init(&wide));
+    assert!(e.contains("x10.safetensors") && e.contains("no weight fits") && e.contains("0.25") && e.contains("shape"), "{e}");
+    let e = err_text(with_init(&dir.join("absent.safetensors")));
+    assert!(e.contains("absent.safetensors"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -14,7 +14,7 @@ use crate::train::{PartialConfig, TrainConfig, Trainer};
 /// run starts from the checkpoint's configuration instead of the defaults).
 #[derive(clap::Args, Debug, Default)]
 pub struct TrainArgs {
-    /// TOML configuration file (sections data, model, optim, loss, run, synth; see docs/TRAINING.md).
+    /// TOML configuration file (sections data, model, optim, loss, run, synth; see README, Training).
     #[arg(long)]
     pub config: Option<PathBuf>,
     /// Dataset root. Without it, a synthetic dataset is generated in the output folder and a

@@ -131,11 +131,18 @@ impl Checkpoint {
     pub fn read(path: &Path) -> Result<Checkpoint> {
         let file = TensorFile::read(path)?;
         if file.metadata().get("plr_engine").map(String::as_str) != Some(FORMAT) {
-            return Err(bad(path, format!("not a plr-engine training checkpoint (metadata plr_engine != {FORMAT}); a plain weights file cannot be resumed")));
+            return Err(bad(
+                path,
+                format!("not a plr-engine training checkpoint (metadata plr_engine != {FORMAT}); a plain weights file cannot be resumed"),
+            ));
         }
         let epoch = file.meta("epoch")?.parse().map_err(|_| bad(path, "metadata epoch is not a number"))?;
         let words: Vec<String> = serde_json::from_str(file.meta("rng")?).map_err(|e| bad(path, format!("metadata rng: {e}")))?;
-        let words: Vec<u64> = words.iter().map(|w| u64::from_str_radix(w, 16)).collect::<std::result::Result<_, _>>().map_err(|e| bad(path, format!("metadata rng: {e}")))?;
+        let words: Vec<u64> = words
+            .iter()
+            .map(|w| u64::from_str_radix(w, 16))
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| bad(path, format!("metadata rng: {e}")))?;
         let rng = Rng::from_state(words.try_into().map_err(|_| bad(path, "metadata rng: expected 4 words"))?);
         let config = TrainConfig::from_toml(file.meta("config")?, &format!("{} (metadata config)", path.display()))?;
         let train_pids = serde_json::from_str(file.meta("train_pids")?).map_err(|e| bad(path, format!("metadata train_pids: {e}")))?;
@@ -147,7 +154,8 @@ impl Checkpoint {
     pub fn restore(&self, store: &mut ParamStore) -> Result<Adam> {
         let path = self.file.path();
         apply_state_dict(store, &self.file, "")?;
-        let opt: OptimizerMeta = serde_json::from_str(self.file.meta("optimizer")?).map_err(|e| bad(path, format!("metadata optimizer: {e}")))?;
+        let opt: OptimizerMeta =
+            serde_json::from_str(self.file.meta("optimizer")?).map_err(|e| bad(path, format!("metadata optimizer: {e}")))?;
         let mut adam = Adam::new(AdamConfig { beta1: opt.beta1, beta2: opt.beta2, eps: opt.eps, weight_decay: opt.weight_decay });
         let ids: Vec<_> = store.trainable().collect();
         for id in ids {
@@ -157,7 +165,10 @@ impl Checkpoint {
             let m = self.file.tensor(&format!("{EXP_AVG}{name}"))?;
             let v = self.file.tensor(&format!("{EXP_AVG_SQ}{name}"))?;
             if m.shape() != store.get(id).shape() || v.shape() != store.get(id).shape() {
-                return Err(bad(path, format!("optimizer state of {name} has shape {:?}, the parameter {:?}", m.shape(), store.get(id).shape())));
+                return Err(bad(
+                    path,
+                    format!("optimizer state of {name} has shape {:?}, the parameter {:?}", m.shape(), store.get(id).shape()),
+                ));
             }
             adam.set_state(id, AdamState { m: m.to_device(device)?, v: v.to_device(device)?, step });
         }
@@ -180,12 +191,14 @@ pub fn find(path: &Path) -> Result<PathBuf> {
     for entry in entries {
         let p = entry.map_err(|e| Error::io(path, e))?.path();
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-        let epoch = name.strip_prefix("checkpoint-epoch").and_then(|r| r.strip_suffix(".safetensors")).and_then(|e| e.parse::<usize>().ok());
+        let epoch =
+            name.strip_prefix("checkpoint-epoch").and_then(|r| r.strip_suffix(".safetensors")).and_then(|e| e.parse::<usize>().ok());
         if let Some(e) = epoch {
             if best.as_ref().is_none_or(|(b, _)| e > *b) {
                 best = Some((e, p));
             }
         }
     }
-    best.map(|(_, p)| p).ok_or_else(|| Error::msg(format!("--resume {}: no checkpoint-epochNNN.safetensors in this folder", path.display())))
+    best.map(|(_, p)| p)
+        .ok_or_else(|| Error::msg(format!("--resume {}: no checkpoint-epochNNN.safetensors in this folder", path.display())))
 }

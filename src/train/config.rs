@@ -247,8 +247,10 @@ impl TrainConfig {
 
     /// The zero-configuration run: OSNet x0.25 at 128x64 on a synthetic dataset of 100 identities
     /// (50 train), 8 x 4 batches, 30 epochs with the official schedule's shape (warm-up x10, then
-    /// two x0.1 decays) compressed and a 3x higher rate, which a small model trained from scratch
-    /// needs; evaluated before training and every 10 epochs. About 3.5 minutes on 2 CPU cores.
+    /// two x0.1 decays) compressed, at 3e-4 rising to 3e-3: a small model trained from scratch
+    /// learns far faster at ~9x the official rate (made for ImageNet-initialised x1.0) than at 3x
+    /// (mAP 73% vs 32% after 10 epochs); evaluated before training and every 10 epochs. About 3
+    /// minutes on 2 CPU cores (README, Quick start).
     pub fn quickstart() -> TrainConfig {
         let mut c = TrainConfig::official(DatasetKind::Market1501, None);
         c.data.height = 128;
@@ -257,7 +259,7 @@ impl TrainConfig {
         c.data.test_batch = 128;
         c.model.width = 0.25;
         c.optim.epochs = 30;
-        c.optim.lr = 1e-4;
+        c.optim.lr = 3e-4;
         c.optim.warmup_epochs = 5;
         c.optim.milestones = vec![14, 22];
         c.run.output = PathBuf::from("runs/quickstart");
@@ -303,7 +305,10 @@ impl TrainConfig {
         let bad = |key: &str, why: String| Err(Error::msg(format!("config: {key}: {why}")));
         parse_dataset(&self.data.dataset)?;
         if self.data.batch_ids < 2 {
-            return bad("data.batch_ids (--batch-ids)", format!("{} identities per batch; the triplet loss needs at least 2", self.data.batch_ids));
+            return bad(
+                "data.batch_ids (--batch-ids)",
+                format!("{} identities per batch; the triplet loss needs at least 2", self.data.batch_ids),
+            );
         }
         if self.data.instances < 1 {
             return bad("data.instances (--instances)", "must be at least 1".into());
@@ -324,7 +329,7 @@ impl TrainConfig {
         if !(self.optim.lr > 0.0 && self.optim.lr.is_finite()) {
             return bad("optim.lr (--lr)", format!("{} is not a positive number", self.optim.lr));
         }
-        if !(self.optim.warmup_multiplier >= 1.0) {
+        if self.optim.warmup_multiplier.is_nan() || self.optim.warmup_multiplier < 1.0 {
             return bad("optim.warmup_multiplier", format!("{} must be at least 1", self.optim.warmup_multiplier));
         }
         self.center_classes(1)?;
@@ -359,7 +364,9 @@ impl TrainConfig {
             "official" => Ok(crate::models::OFFICIAL_CENTER_CLASSES),
             n => match n.parse::<usize>() {
                 Ok(n) if n > 0 => Ok(n),
-                _ => Err(Error::msg(format!("config: loss.center_classes (--center-classes): {n:?} is not \"ids\", \"official\" or a positive number"))),
+                _ => Err(Error::msg(format!(
+                    "config: loss.center_classes (--center-classes): {n:?} is not \"ids\", \"official\" or a positive number"
+                ))),
             },
         }
     }

@@ -22,7 +22,10 @@ pub fn extract_features(model: &PlrOsnet, store: &mut ParamStore, loader: &Loade
     let dim = model.config.feature_dim();
     let mut features = Vec::with_capacity(loader.samples().len() * dim);
     for b in loader.in_order(batch)? {
-        let x = b?.into_tensor()?.to_device(device)?;
+        let b = b.map_err(|e| {
+            Error::msg(format!("feature extraction: {e} (an unreadable query or gallery image is fatal: remove or replace it)"))
+        })?;
+        let x = b.into_tensor()?.to_device(device)?;
         let mut tape = Tape::no_grad();
         let mut ctx = Ctx::new(&mut tape, store, false);
         features.extend(model.forward_eval(&mut ctx, &Var::constant(x))?.value().to_vec()?);
@@ -76,7 +79,14 @@ impl EvalReport {
     pub fn table(&self) -> String {
         let m = &self.metrics;
         let pct = |v: f64| format!("{:.1}", 100.0 * v);
-        let cols = [("mAP", pct(m.map)), ("mINP", pct(m.minp)), ("Rank-1", pct(m.rank1)), ("Rank-5", pct(m.rank5)), ("Rank-10", pct(m.rank10)), ("Rank-20", pct(m.rank20))];
+        let cols = [
+            ("mAP", pct(m.map)),
+            ("mINP", pct(m.minp)),
+            ("Rank-1", pct(m.rank1)),
+            ("Rank-5", pct(m.rank5)),
+            ("Rank-10", pct(m.rank10)),
+            ("Rank-20", pct(m.rank20)),
+        ];
         let name_w = self.dataset.len().max("dataset".len());
         let mut head = format!("| {:<name_w$} |", "dataset");
         let mut rule = format!("|{}|", "-".repeat(name_w + 2));
@@ -95,7 +105,8 @@ impl EvalReport {
 
     /// Writes the report as pretty JSON, atomically.
     pub fn write_json(&self, path: &Path) -> Result<()> {
-        let text = serde_json::to_string_pretty(self).map_err(|e| Error::msg(format!("{}: cannot encode the results: {e}", path.display())))?;
+        let text =
+            serde_json::to_string_pretty(self).map_err(|e| Error::msg(format!("{}: cannot encode the results: {e}", path.display())))?;
         crate::io::write_atomic(path, text.as_bytes())
     }
 }

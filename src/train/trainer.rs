@@ -23,7 +23,7 @@ use crate::log::JsonLog;
 use crate::models::{channels_for_width, PlrConfig, PlrLoss, PlrLossConfig, PlrOsnet};
 use crate::nn::Ctx;
 use crate::optim::{Adam, AdamConfig, LrSchedule};
-use crate::params::ParamStore;
+use crate::params::{Kind, ParamStore};
 use crate::rng::Rng;
 use crate::tape::{Tape, Var};
 use crate::tensor::{Device, Tensor};
@@ -57,7 +57,10 @@ impl EpochStats {
     fn add(&mut self, t: &[f64; 7], correct: usize, images: usize) {
         self.iterations += 1;
         self.images += images;
-        for (acc, v) in [&mut self.loss, &mut self.ce1, &mut self.ce2, &mut self.tri1, &mut self.tri2, &mut self.cen1, &mut self.cen2].into_iter().zip(t) {
+        for (acc, v) in [&mut self.loss, &mut self.ce1, &mut self.ce2, &mut self.tri1, &mut self.tri2, &mut self.cen1, &mut self.cen2]
+            .into_iter()
+            .zip(t)
+        {
             *acc += v;
         }
         self.acc += correct as f64;
@@ -145,7 +148,9 @@ fn argmax_hits(logits: &Tensor, labels: &[usize]) -> Result<usize> {
     let v = logits.to_vec()?;
     Ok(v.chunks(k)
         .zip(labels)
-        .filter(|(row, &y)| row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i, x) } else { best }).0 == y)
+        .filter(|(row, &y)| {
+            row.iter().enumerate().fold((0, f32::NEG_INFINITY), |best, (i, &x)| if x > best.1 { (i, x) } else { best }).0 == y
+        })
         .count())
 }
 
@@ -171,17 +176,20 @@ impl Trainer {
         let dataset = Dataset::load(kind, &root)?;
         let labels: Vec<usize> = dataset.train.iter().map(|s| s.pid).collect();
         if labels.is_empty() {
-            return Err(Error::msg(format!("{}: no training images in {}", kind.name(), dataset.dir.join(crate::data::dataset::TRAIN_DIR).display())));
+            return Err(Error::msg(format!(
+                "{}: no training images in {}",
+                kind.name(),
+                dataset.dir.join(crate::data::dataset::TRAIN_DIR).display()
+            )));
         }
         let sampler = RandomIdentitySampler::new(&labels, cfg.data.batch_ids, cfg.data.instances)?;
-        let lc = LoaderConfig { height: cfg.data.height, width: cfg.data.width, workers: cfg.data.workers.max(1), ..LoaderConfig::default() };
+        let lc =
+            LoaderConfig { height: cfg.data.height, width: cfg.data.width, workers: cfg.data.workers.max(1), ..LoaderConfig::default() };
         let train = Loader::new(dataset.train.clone(), &lc)?;
         let query = Loader::new(dataset.query.clone(), &lc)?;
         let gallery = Loader::new(dataset.gallery.clone(), &lc)?;
-        let augment = Augment {
-            flip_p: if cfg.data.random_flip { 0.5 } else { 0.0 },
-            erasing: cfg.data.random_erasing.then(RandomErasing::default),
-        };
+        let augment =
+            Augment { flip_p: if cfg.data.random_flip { 0.5 } else { 0.0 }, erasing: cfg.data.random_erasing.then(RandomErasing::default) };
 
         let mut store = ParamStore::new();
         let mut init = Rng::new(derive_seed(cfg.run.seed, &[INIT_STREAM]));
@@ -214,10 +222,26 @@ impl Trainer {
             None => {
                 if let Some(p) = &cfg.model.init_osnet {
                     let r = init_plr_from_osnet(&mut store, p)?;
-                    if r.copied.is_empty() {
-                        return Err(Error::msg(format!("--init-osnet {}: no tensor fits this model (is it an OSNet of width {}?)", p.display(), cfg.model.width)));
+                    // BatchNorm's scalar num_batches_tracked fits any width: count weights only.
+                    let weights =
+                        r.copied.iter().filter(|(_, to)| store.id(to).ok().is_some_and(|id| store.entry(id).kind == Kind::Param)).count();
+                    if weights == 0 {
+                        return Err(Error::msg(format!(
+                            "--init-osnet {}: no weight fits this model (is it an OSNet of width {}?{})",
+                            p.display(),
+                            cfg.model.width,
+                            r.skipped
+                                .iter()
+                                .find(|(_, why)| why.contains("shape"))
+                                .map_or(String::new(), |(n, why)| format!(" {n}: {why}"))
+                        )));
                     }
-                    println!("initialised {} tensors from {} ({} skipped)", r.copied.len(), p.display(), r.skipped.len());
+                    println!(
+                        "initialised {} tensors ({weights} weights) from {} ({} skipped)",
+                        r.copied.len(),
+                        p.display(),
+                        r.skipped.len()
+                    );
                 }
                 let adam = Adam::new(AdamConfig { weight_decay: cfg.optim.weight_decay, ..AdamConfig::default() });
                 (adam, 0, Rng::new(derive_seed(cfg.run.seed, &[TRAIN_STREAM])))
@@ -332,7 +356,9 @@ impl Trainer {
         let t0 = Instant::now();
         let mut sums = EpochStats { epoch, epochs: self.cfg.optim.epochs, lr, ..EpochStats::default() };
         for (i, batch) in batches.enumerate() {
-            let batch = batch.map_err(|e| Error::msg(format!("epoch {epoch}, iteration {}: {e} (an unreadable image is fatal: remove or replace it)", i + 1)))?;
+            let batch = batch.map_err(|e| {
+                Error::msg(format!("epoch {epoch}, iteration {}: {e} (an unreadable image is fatal: remove or replace it)", i + 1))
+            })?;
             let n = batch.len();
             let (t, hits) = self.step(batch, lr, epoch, i + 1)?;
             sums.add(&t, hits, n);
@@ -399,7 +425,7 @@ impl Trainer {
             summary.before = Some(self.evaluate()?);
         }
         let (epochs, eval_freq, save_freq) = (self.cfg.optim.epochs, self.cfg.run.eval_freq, self.cfg.run.save_freq);
-        let due = |freq: usize, e: usize| e == epochs || (freq > 0 && e % freq == 0);
+        let due = |freq: usize, e: usize| e == epochs || (freq > 0 && e.is_multiple_of(freq));
         while self.epoch < epochs {
             self.train_epoch()?;
             if due(eval_freq, self.epoch) {
@@ -425,6 +451,9 @@ fn check_input_size(model: &PlrOsnet, store: &mut ParamStore, height: u32, width
     let mut tape = Tape::no_grad();
     let mut ctx = Ctx::new(&mut tape, store, false);
     model.forward_eval(&mut ctx, &Var::constant(x)).map(drop).map_err(|e| {
-        Error::msg(format!("input size {height}x{width} (--height/--width-px) does not fit the model with {} stripes: {e}", model.config.parts))
+        Error::msg(format!(
+            "input size {height}x{width} (--height/--width-px) does not fit the model with {} stripes: {e}",
+            model.config.parts
+        ))
     })
 }
