@@ -15,8 +15,8 @@ use plr_engine::models::*;
 use plr_engine::nn::Ctx;
 use plr_engine::params::Kind;
 use plr_engine::rng::Rng;
-use plr_engine::testing::norm_rel_err;
 use plr_engine::testing::cuda_or_skip;
+use plr_engine::testing::norm_rel_err;
 use plr_engine::{Device, ParamStore, Tape, Tensor, Var};
 
 const TOL: f64 = 1e-4;
