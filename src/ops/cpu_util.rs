@@ -1,7 +1,39 @@
 //! Reductions shared by the CPU kernels. Each keeps independent lane accumulators: a single running
 //! float sum cannot be reordered by the compiler, so it would not vectorise.
 
+use std::mem::MaybeUninit;
+
 const LANES: usize = 8;
+
+/// A vector of `len` values that `f` writes into uninitialised memory. Outputs are not zeroed
+/// first: for a bandwidth-bound kernel a zero fill is one more pass over memory, a third of its
+/// time.
+///
+/// # Safety
+/// `f` must write every element of the slice it is given.
+pub(crate) unsafe fn written_vec(len: usize, f: impl FnOnce(&mut [MaybeUninit<f32>])) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    f(&mut v.spare_capacity_mut()[..len]);
+    // SAFETY: the caller's contract: f initialised all `len` elements.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// `out` = `src` (same length); `MaybeUninit::write_copy_of_slice` is newer than the crate's MSRV.
+pub(crate) fn write_copy(out: &mut [MaybeUninit<f32>], src: &[f32]) {
+    assert_eq!(out.len(), src.len(), "write_copy: lengths differ");
+    out.iter_mut().zip(src).for_each(|(o, &v)| _ = o.write(v));
+}
+
+/// Views memory about to be overwritten as f32, for writers that take `&mut [f32]` (the GEMM
+/// with `accumulate` false, `copy_from_slice`).
+///
+/// # Safety
+/// Nothing may read an element of the returned slice before it is written.
+pub(crate) unsafe fn assume_written(s: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    // SAFETY: MaybeUninit<f32> has f32's layout; the caller writes before reading.
+    unsafe { &mut *(s as *mut [MaybeUninit<f32>] as *mut [f32]) }
+}
 
 /// Defines `fn` whose body is compiled twice: for AVX2 + FMA, taken when the CPU has them, and for
 /// the crate's baseline target (x86-64 means SSE2 only, four f32 lanes instead of eight).
