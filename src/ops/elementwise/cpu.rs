@@ -10,7 +10,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use crate::error::Result;
-use crate::ops::cpu_util::{write_copy, written_vec};
+use crate::ops::cpu_util::{sum_dot_f64, sum_f64, write_copy, written_vec};
 use crate::tensor::{numel, Tensor};
 
 /// Below this many elements a loop runs as one task.
@@ -145,15 +145,19 @@ impl Bcast {
         })
     }
 
-    /// r[j] = sum of the values over the elements of a that read b[j], in f64; `v(offset, len)`
-    /// yields the values of one run.
-    fn reduce<I: Iterator<Item = f32>>(&self, len: usize, b_len: usize, v: impl Fn(usize, usize) -> I + Sync) -> Vec<f32> {
+    /// r[j] = sum over the elements of a that read b[j] of x (times w, if given), in f64; x and
+    /// w are laid out like a.
+    fn reduce(&self, b_len: usize, x: &[f32], w: Option<&[f32]>) -> Vec<f32> {
+        let len = x.len();
         let add_range = |acc: &mut Vec<f64>, start: usize, n: usize| {
             self.runs(start, n, |off, n, bo| {
-                if self.b_contig {
-                    acc[bo..bo + n].iter_mut().zip(v(off, n)).for_each(|(a, v)| *a += v as f64);
-                } else {
-                    acc[bo] += v(off, n).map(|v| v as f64).sum::<f64>();
+                let xr = &x[off..off + n];
+                match (self.b_contig, w) {
+                    (true, Some(w)) => acc[bo..bo + n].iter_mut().zip(xr.iter().zip(&w[off..off + n])).for_each(|(a, (&x, &w))| *a += x as f64 * w as f64),
+                    (true, None) => acc[bo..bo + n].iter_mut().zip(xr).for_each(|(a, &x)| *a += x as f64),
+                    // A run that reads one b value (the gate's H x W plane): a vectorised reduction.
+                    (false, Some(w)) => acc[bo] += sum_dot_f64(xr, &w[off..off + n]).1,
+                    (false, None) => acc[bo] += sum_f64(xr),
                 }
             })
         };
@@ -230,8 +234,7 @@ pub(super) fn mul_backward(dy: &Tensor, a: &Tensor, b: &Tensor) -> Result<(Tenso
     let db = if a.shape() == b.shape() {
         mul(dy, a)?
     } else {
-        let r = Bcast::new(a.shape(), b.shape())
-            .reduce(av.len(), b.numel(), |off, n| dyv[off..off + n].iter().zip(&av[off..off + n]).map(|(&g, &x)| g * x));
+        let r = Bcast::new(a.shape(), b.shape()).reduce(b.numel(), dyv, Some(av));
         Tensor::from_vec(r, b.shape())?
     };
     Ok((da, db))
@@ -239,7 +242,7 @@ pub(super) fn mul_backward(dy: &Tensor, a: &Tensor, b: &Tensor) -> Result<(Tenso
 
 pub(super) fn sum_to_shape(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
     let xv = x.cpu_slice()?;
-    Tensor::from_vec(Bcast::new(x.shape(), shape).reduce(xv.len(), numel(shape), |off, n| xv[off..off + n].iter().copied()), shape)
+    Tensor::from_vec(Bcast::new(x.shape(), shape).reduce(numel(shape), xv, None), shape)
 }
 
 pub(super) fn broadcast_to(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
