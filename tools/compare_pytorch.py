@@ -19,6 +19,10 @@ PyTorch configurations:
 On the CPU only fp32-eager runs unless --configs asks for more. PyTorch uses as many threads as
 the engine (--threads, default one per core).
 
+With --cost it prints the cost model of one training step instead (per image, from the reference
+model: multiply-adds counted with hooks, plus the position-attention matrix products; activation
+bytes; the H100 bounds of docs/PERFORMANCE.md).
+
 With --engine PATH it also runs `PATH bench --json ...` with the same batch, size, classes,
 iteration counts and threads, and prints one table with the engine and every PyTorch configuration
 and their ratios to the engine.
@@ -62,6 +66,7 @@ def parse_args():
     p.add_argument("--engine", default=None, help="plr-engine binary to run in the same invocation")
     p.add_argument("--json", default=None, help="also write all results to this file")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cost", action="store_true", help="print the training-step cost model and exit")
     a = p.parse_args()
     gpu = a.device == "cuda"
     a.warmup = a.warmup if a.warmup is not None else (10 if gpu else 1)
@@ -179,6 +184,74 @@ def run_config(name, a, device):
     return result
 
 
+# H100 SXM figures used by the bounds (shared/spec/performance-and-conventions.md, 1.3).
+H100_BYTES_PER_S = 3.35e12
+H100_REALISTIC_FLOPS = (100e12, 200e12)
+
+
+def cost_model(a):
+    """Per-image forward MACs and activation traffic of PLR-OSNet, and the bounds they imply."""
+    import torch.nn as nn
+
+    model = R.PLR_OSNet(num_classes=a.classes, width=a.width).train()
+    macs = {"conv 1x1": 0, "conv depthwise": 0, "conv other": 0, "linear": 0, "attention bmm": 0}
+    # Elements written by each kind of layer in the forward pass (what backward reads back).
+    written = {"conv": 0, "batchnorm": 0, "relu/sigmoid": 0, "pool": 0, "other": 0}
+
+    def hook(module, inputs, output):
+        out = output.numel()
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            per = module.in_channels // module.groups * kh * kw
+            kind = "conv depthwise" if module.groups > 1 else ("conv 1x1" if kh == kw == 1 else "conv other")
+            macs[kind] += out * per
+            written["conv"] += out
+        elif isinstance(module, nn.Linear):
+            macs["linear"] += module.in_features * module.out_features * inputs[0].shape[0]
+            written["other"] += out
+        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            written["batchnorm"] += out
+        elif isinstance(module, (nn.ReLU, nn.Sigmoid)):
+            written["relu/sigmoid"] += out
+        elif isinstance(module, (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)):
+            written["pool"] += out
+        elif isinstance(module, R.PAM_Module):
+            b, c, h, w = inputs[0].shape
+            n = h * w
+            macs["attention bmm"] += b * (n * n * (c // 8) + c * n * n)  # q k^T, then x A^T
+            written["other"] += b * n * n * 2 + out  # energy, softmax, output
+
+    leaves = [m for m in model.modules() if not list(m.children()) or isinstance(m, R.PAM_Module)]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    x = torch.randn(2, 3, a.height, a.width_px)
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    macs = {k: v / 2 for k, v in macs.items()}
+    written = {k: v / 2 for k, v in written.items()}
+    fwd_macs = sum(macs.values())
+    # Training = forward + backward data + backward filter: 3x the forward multiply-adds.
+    train_flop = 3 * 2 * fwd_macs
+    elems = sum(written.values())
+    # fp32 traffic of an unfused step: forward writes each activation once and reads it ~1.5
+    # times (its consumer, BN statistics); backward reads activation and gradient and writes the
+    # input gradient for each, ~2.5x the forward traffic (spec 1.3's model).
+    fwd_bytes = elems * 4 * 2.5
+    step_bytes = fwd_bytes * (1 + 2.5)
+    print(f"PLR-OSNet x{a.width}, {a.height}x{a.width_px}, {a.classes} classes: cost of one training image")
+    for k, v in macs.items():
+        print(f"  forward MACs {k:<16} {v / 1e6:9.1f} M")
+    print(f"  forward MACs total            {fwd_macs / 1e9:9.3f} G")
+    print(f"  training FLOPs (3 x 2 x MACs)  {train_flop / 1e9:9.2f} GFLOP")
+    for k, v in written.items():
+        print(f"  activations written {k:<10} {v / 1e6:9.2f} M elements")
+    print(f"  activation traffic, fp32 unfused: forward {fwd_bytes / 1e6:.0f} MB, step {step_bytes / 1e6:.0f} MB; bf16 {step_bytes / 2e6:.0f} MB")
+    print(f"  H100 bounds: memory (3.35 TB/s) fp32 {H100_BYTES_PER_S / step_bytes:.0f} img/s, bf16 {2 * H100_BYTES_PER_S / step_bytes:.0f} img/s; "
+          f"compute at {H100_REALISTIC_FLOPS[0] / 1e12:.0f}-{H100_REALISTIC_FLOPS[1] / 1e12:.0f} TFLOP/s "
+          f"{H100_REALISTIC_FLOPS[0] / train_flop:.0f}-{H100_REALISTIC_FLOPS[1] / train_flop:.0f} img/s")
+
+
 def run_engine(a):
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "bench.json")
@@ -224,6 +297,9 @@ def print_table(rows, engine):
 
 def main():
     a = parse_args()
+    if a.cost:
+        cost_model(a)
+        return
     device = torch.device(a.device)
     threads = a.threads or os.cpu_count()
     torch.set_num_threads(threads)

@@ -266,11 +266,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         eprintln!("warning: the loss is not finite ({loss_value}); the timings may not be representative");
     }
     if device == Device::Cuda {
-        println!(
-            "peak device memory: training {:.0} MiB, inference {:.0} MiB",
-            mib(train_peak),
-            infer.as_ref().map_or(0.0, |i| mib(i.2))
-        );
+        println!("peak device memory: training {:.0} MiB, inference {:.0} MiB", mib(train_peak), infer.as_ref().map_or(0.0, |i| mib(i.2)));
     }
 
     let split = if plan.profile_iters > 0 { Some(profile_split(&mut bench, &x, &labels, plan.profile_iters)?) } else { None };

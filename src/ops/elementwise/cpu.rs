@@ -153,7 +153,9 @@ impl Bcast {
             self.runs(start, n, |off, n, bo| {
                 let xr = &x[off..off + n];
                 match (self.b_contig, w) {
-                    (true, Some(w)) => acc[bo..bo + n].iter_mut().zip(xr.iter().zip(&w[off..off + n])).for_each(|(a, (&x, &w))| *a += x as f64 * w as f64),
+                    (true, Some(w)) => {
+                        acc[bo..bo + n].iter_mut().zip(xr.iter().zip(&w[off..off + n])).for_each(|(a, (&x, &w))| *a += x as f64 * w as f64)
+                    }
                     (true, None) => acc[bo..bo + n].iter_mut().zip(xr).for_each(|(a, &x)| *a += x as f64),
                     // A run that reads one b value (the gate's H x W plane): a vectorised reduction.
                     (false, Some(w)) => acc[bo] += sum_dot_f64(xr, &w[off..off + n]).1,
