@@ -3,10 +3,8 @@
 //!
 //! `cargo bench --bench conv_cpu`; `-- --test` runs each benchmark once as a smoke test.
 //!
-//! Outputs above glibc's 32 MiB mmap threshold (conv1's and the 64->256 forward's) are fresh
-//! mappings on every call, so those timings include page faults: on a 2-core VM they doubled the
-//! forward time. Run with `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736` to see the
-//! kernels alone.
+//! Outputs come from the crate's global allocator (mimalloc), which reuses freed blocks between
+//! iterations, so the timings are of the kernels, not of page faults.
 
 use std::hint::black_box;
 use std::time::Duration;

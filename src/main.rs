@@ -20,6 +20,7 @@ enum Command {
 }
 
 fn main() {
+    plr_engine::keep_freed_memory();
     let result = match Cli::parse().command {
         Command::Train(args) => cli::train::run(&args),
         Command::Eval(args) => cli::eval::run(&args),

@@ -1,6 +1,7 @@
 use rayon::prelude::*;
 
 use crate::error::Result;
+use crate::ops::cpu_util::{sum_dot_f64, sum_f64};
 use crate::ops::gemm::sgemm;
 use crate::tensor::Tensor;
 
@@ -68,12 +69,9 @@ pub(super) fn softmax_lastdim_forward(x: &Tensor) -> Result<Tensor> {
     let mut y = vec![0.0; xv.len()];
     y.par_chunks_mut(d).zip(xv.par_chunks(d)).with_min_len((PAR_MIN / d).max(1)).for_each(|(y, x)| {
         let mx = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut sum = 0.0f64;
-        for (y, &v) in y.iter_mut().zip(x) {
-            *y = (v - mx).exp();
-            sum += *y as f64;
-        }
-        let inv = (1.0 / sum) as f32;
+        y.iter_mut().zip(x).for_each(|(y, &v)| *y = (v - mx).exp());
+        // A separate vectorised f64 sum: a running f64 sum in the loop above would be scalar.
+        let inv = (1.0 / sum_f64(y)) as f32;
         y.iter_mut().for_each(|v| *v *= inv);
     });
     Tensor::from_vec(y, x.shape())
@@ -87,7 +85,7 @@ pub(super) fn softmax_lastdim_backward(dy: &Tensor, y: &Tensor) -> Result<Tensor
         return Tensor::from_vec(dx, y.shape());
     }
     dx.par_chunks_mut(d).zip(yv.par_chunks(d).zip(dyv.par_chunks(d))).with_min_len((PAR_MIN / d).max(1)).for_each(|(dx, (y, dy))| {
-        let dot = y.iter().zip(dy).map(|(&y, &g)| y as f64 * g as f64).sum::<f64>() as f32;
+        let dot = sum_dot_f64(y, dy).1 as f32;
         dx.iter_mut().zip(y.iter().zip(dy)).for_each(|(dx, (&y, &g))| *dx = y * (g - dot));
     });
     Tensor::from_vec(dx, y.shape())

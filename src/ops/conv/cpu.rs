@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use super::Conv2dCfg;
 use crate::error::Result;
-use crate::ops::cpu_util::{avx2_dispatch, dot_f32, sum_f64};
+use crate::ops::cpu_util::{assume_written, avx2_dispatch, dot_f32, sum_f64, written_vec};
 use crate::ops::gemm::sgemm;
 use crate::tensor::{numel, Tensor};
 
@@ -314,8 +314,16 @@ pub(super) fn conv2d_forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, cfg:
     let g = Geom::new(x.shape(), w.shape(), cfg);
     let (xs, ws) = (x.cpu_slice()?, w.cpu_slice()?);
     let bs = bias.map(Tensor::cpu_slice).transpose()?;
+    // SAFETY: every path writes each output element before reading it: the depthwise kernels
+    // assign whole planes (the generic one fills its plane first), and each group's GEMM either
+    // accumulates onto the bias it was filled with or does not read C (`accumulate` false).
+    let y = unsafe { written_vec(numel(y_shape), |y| conv_forward_into(&g, xs, ws, bs, assume_written(y))) };
+    Tensor::from_vec(y, y_shape)
+}
+
+fn conv_forward_into(g: &Geom, xs: &[f32], ws: &[f32], bs: Option<&[f32]>, y: &mut [f32]) {
+    let g = *g;
     let (hw, ohw, kk, kdim) = (g.hw(), g.ohw(), g.kk(), g.kdim());
-    let mut y = vec![0f32; numel(y_shape)];
     if g.depthwise() {
         y.par_chunks_mut(ohw).enumerate().for_each_init(
             || Padded3x3::for_geom(&g),
@@ -330,7 +338,7 @@ pub(super) fn conv2d_forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, cfg:
         );
     } else {
         let (cin_g, cout_g) = (g.cin_g(), g.cout_g());
-        for_each_image(&mut y, g.c_out * ohw, g.col_len(), |i, yi, col, par| {
+        for_each_image(y, g.c_out * ohw, g.col_len(), |i, yi, col, par| {
             if let Some(b) = bs {
                 for (row, &bv) in yi.chunks_mut(ohw).zip(b) {
                     row.fill(bv);
@@ -349,16 +357,31 @@ pub(super) fn conv2d_forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, cfg:
             }
         });
     }
-    Tensor::from_vec(y, y_shape)
 }
 
 pub(super) fn conv2d_backward_data(dy: &Tensor, w: &Tensor, x_shape: &[usize], cfg: Conv2dCfg) -> Result<Tensor> {
     let g = Geom::new(x_shape, w.shape(), cfg);
     let (dys, ws) = (dy.cpu_slice()?, w.cpu_slice()?);
+    // SAFETY: every path writes each element before reading it: the depthwise kernels assign whole
+    // planes (the generic one zeroes its plane first), the pointwise GEMMs do not read C
+    // (`accumulate` false), and the im2col path, whose col2im adds, zeroes the buffer first.
+    let dx = unsafe {
+        written_vec(numel(x_shape), |dx| {
+            let dx = assume_written(dx);
+            if !(g.depthwise() || g.pointwise()) {
+                dx.fill(0.0);
+            }
+            conv_backward_data_into(&g, dys, ws, dx)
+        })
+    };
+    Tensor::from_vec(dx, x_shape)
+}
+
+fn conv_backward_data_into(g: &Geom, dys: &[f32], ws: &[f32], dx: &mut [f32]) {
+    let g = *g;
     let (hw, ohw, kk, kdim) = (g.hw(), g.ohw(), g.kk(), g.kdim());
-    let mut dx = vec![0f32; numel(x_shape)];
     if hw == 0 {
-        return Tensor::from_vec(dx, x_shape);
+        return;
     }
     if g.depthwise() {
         dx.par_chunks_mut(hw).enumerate().for_each_init(
@@ -376,7 +399,7 @@ pub(super) fn conv2d_backward_data(dy: &Tensor, w: &Tensor, x_shape: &[usize], c
         );
     } else {
         let (cin_g, cout_g) = (g.cin_g(), g.cout_g());
-        for_each_image(&mut dx, g.c_in * hw, g.col_len(), |i, dxi, col, par| {
+        for_each_image(dx, g.c_in * hw, g.col_len(), |i, dxi, col, par| {
             for grp in 0..g.groups {
                 let wg = &ws[grp * cout_g * kdim..][..cout_g * kdim];
                 let dyg = &dys[(i * g.c_out + grp * cout_g) * ohw..][..cout_g * ohw];
@@ -390,7 +413,6 @@ pub(super) fn conv2d_backward_data(dy: &Tensor, w: &Tensor, x_shape: &[usize], c
             }
         });
     }
-    Tensor::from_vec(dx, x_shape)
 }
 
 pub(super) fn conv2d_backward_filter(dy: &Tensor, x: &Tensor, w_shape: &[usize], cfg: Conv2dCfg) -> Result<Tensor> {

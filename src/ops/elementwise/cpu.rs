@@ -5,9 +5,12 @@
 //! same shape or [1] is one run over everything, the gate [N,C,1,1] on [N,C,H,W] is N*C runs of
 //! H*W elements that each read one b value.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use crate::error::Result;
+use crate::ops::cpu_util::{sum_dot_f64, sum_f64, write_copy, written_vec};
 use crate::tensor::{numel, Tensor};
 
 /// Below this many elements a loop runs as one task.
@@ -20,26 +23,45 @@ fn rows_per_task(d: usize) -> usize {
     (PAR_MIN / d.max(1)).max(1)
 }
 
-/// A buffer of `len` values written chunk by chunk by `f(start, chunk)`.
-fn fill(len: usize, f: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
-    let mut y = vec![0.0; len];
-    if len >= PAR_MIN {
-        y.par_chunks_mut(CHUNK).enumerate().for_each(|(i, c)| f(i * CHUNK, c));
-    } else {
-        f(0, &mut y);
+/// Uninitialised output the kernels below write in full.
+type Out = [MaybeUninit<f32>];
+
+/// A buffer of `len` values written chunk by chunk by `f(start, chunk)`, which must write every
+/// element of its chunk.
+fn fill(len: usize, f: impl Fn(usize, &mut Out) + Sync) -> Vec<f32> {
+    // SAFETY: the chunks cover the buffer and every `f` in this module writes its whole chunk.
+    unsafe {
+        written_vec(len, |y| {
+            if len >= PAR_MIN {
+                y.par_chunks_mut(CHUNK).enumerate().for_each(|(i, c)| f(i * CHUNK, c));
+            } else {
+                f(0, y);
+            }
+        })
     }
-    y
+}
+
+/// Per row of `d` values in parallel: `f(row index, output row)`, which must write the whole row.
+fn fill_rows(len: usize, d: usize, f: impl Fn(usize, &mut Out) + Sync) -> Vec<f32> {
+    // SAFETY: the rows cover the buffer (d divides len, or len is 0) and `f` writes each in full.
+    unsafe {
+        written_vec(len, |y| {
+            if d > 0 {
+                y.par_chunks_mut(d).enumerate().with_min_len(rows_per_task(d)).for_each(|(r, o)| f(r, o));
+            }
+        })
+    }
 }
 
 fn map(x: &Tensor, f: impl Fn(f32) -> f32 + Sync) -> Result<Tensor> {
     let xs = x.cpu_slice()?;
-    let y = fill(xs.len(), |s, out| out.iter_mut().zip(&xs[s..]).for_each(|(o, &v)| *o = f(v)));
+    let y = fill(xs.len(), |s, out| out.iter_mut().zip(&xs[s..]).for_each(|(o, &v)| _ = o.write(f(v))));
     Tensor::from_vec(y, x.shape())
 }
 
 fn zip_map(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync) -> Result<Tensor> {
     let (av, bv) = (a.cpu_slice()?, b.cpu_slice()?);
-    let y = fill(av.len(), |s, out| out.iter_mut().zip(&av[s..]).zip(&bv[s..]).for_each(|((o, &x), &y)| *o = f(x, y)));
+    let y = fill(av.len(), |s, out| out.iter_mut().zip(&av[s..]).zip(&bv[s..]).for_each(|((o, &x), &y)| _ = o.write(f(x, y))));
     Tensor::from_vec(y, a.shape())
 }
 
@@ -114,7 +136,7 @@ impl Bcast {
     }
 
     /// A buffer laid out like a, written run by run by `f(out_run, a_offset, b's values for the run)`.
-    fn gather(&self, len: usize, b: &[f32], f: impl Fn(&mut [f32], usize, BRun) + Sync) -> Vec<f32> {
+    fn gather(&self, len: usize, b: &[f32], f: impl Fn(&mut Out, usize, BRun) + Sync) -> Vec<f32> {
         fill(len, |s, out| {
             self.runs(s, out.len(), |off, n, bo| {
                 let run = if self.b_contig { BRun::Each(&b[bo..bo + n]) } else { BRun::One(b[bo]) };
@@ -123,15 +145,21 @@ impl Bcast {
         })
     }
 
-    /// r[j] = sum of the values over the elements of a that read b[j], in f64; `v(offset, len)`
-    /// yields the values of one run.
-    fn reduce<I: Iterator<Item = f32>>(&self, len: usize, b_len: usize, v: impl Fn(usize, usize) -> I + Sync) -> Vec<f32> {
+    /// r[j] = sum over the elements of a that read b[j] of x (times w, if given), in f64; x and
+    /// w are laid out like a.
+    fn reduce(&self, b_len: usize, x: &[f32], w: Option<&[f32]>) -> Vec<f32> {
+        let len = x.len();
         let add_range = |acc: &mut Vec<f64>, start: usize, n: usize| {
             self.runs(start, n, |off, n, bo| {
-                if self.b_contig {
-                    acc[bo..bo + n].iter_mut().zip(v(off, n)).for_each(|(a, v)| *a += v as f64);
-                } else {
-                    acc[bo] += v(off, n).map(|v| v as f64).sum::<f64>();
+                let xr = &x[off..off + n];
+                match (self.b_contig, w) {
+                    (true, Some(w)) => {
+                        acc[bo..bo + n].iter_mut().zip(xr.iter().zip(&w[off..off + n])).for_each(|(a, (&x, &w))| *a += x as f64 * w as f64)
+                    }
+                    (true, None) => acc[bo..bo + n].iter_mut().zip(xr).for_each(|(a, &x)| *a += x as f64),
+                    // A run that reads one b value (the gate's H x W plane): a vectorised reduction.
+                    (false, Some(w)) => acc[bo] += sum_dot_f64(xr, &w[off..off + n]).1,
+                    (false, None) => acc[bo] += sum_f64(xr),
                 }
             })
         };
@@ -187,8 +215,8 @@ fn broadcast_binary(a: &Tensor, b: &Tensor, f: impl Fn(f32, f32) -> f32 + Sync) 
     let y = Bcast::new(a.shape(), b.shape()).gather(av.len(), bv, |out, off, run| {
         let a = &av[off..off + out.len()];
         match run {
-            BRun::Each(b) => out.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&x, &y))| *o = f(x, y)),
-            BRun::One(y) => out.iter_mut().zip(a).for_each(|(o, &x)| *o = f(x, y)),
+            BRun::Each(b) => out.iter_mut().zip(a.iter().zip(b)).for_each(|(o, (&x, &y))| _ = o.write(f(x, y))),
+            BRun::One(y) => out.iter_mut().zip(a).for_each(|(o, &x)| _ = o.write(f(x, y))),
         }
     });
     Tensor::from_vec(y, a.shape())
@@ -208,8 +236,7 @@ pub(super) fn mul_backward(dy: &Tensor, a: &Tensor, b: &Tensor) -> Result<(Tenso
     let db = if a.shape() == b.shape() {
         mul(dy, a)?
     } else {
-        let r = Bcast::new(a.shape(), b.shape())
-            .reduce(av.len(), b.numel(), |off, n| dyv[off..off + n].iter().zip(&av[off..off + n]).map(|(&g, &x)| g * x));
+        let r = Bcast::new(a.shape(), b.shape()).reduce(b.numel(), dyv, Some(av));
         Tensor::from_vec(r, b.shape())?
     };
     Ok((da, db))
@@ -217,13 +244,13 @@ pub(super) fn mul_backward(dy: &Tensor, a: &Tensor, b: &Tensor) -> Result<(Tenso
 
 pub(super) fn sum_to_shape(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
     let xv = x.cpu_slice()?;
-    Tensor::from_vec(Bcast::new(x.shape(), shape).reduce(xv.len(), numel(shape), |off, n| xv[off..off + n].iter().copied()), shape)
+    Tensor::from_vec(Bcast::new(x.shape(), shape).reduce(numel(shape), xv, None), shape)
 }
 
 pub(super) fn broadcast_to(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
     let y = Bcast::new(shape, x.shape()).gather(numel(shape), x.cpu_slice()?, |out, _, run| match run {
-        BRun::Each(b) => out.copy_from_slice(b),
-        BRun::One(v) => out.fill(v),
+        BRun::Each(b) => write_copy(out, b),
+        BRun::One(v) => out.iter_mut().for_each(|o| _ = o.write(v)),
     });
     Tensor::from_vec(y, shape)
 }
@@ -250,28 +277,24 @@ fn row_norm(x: &[f32]) -> (f32, bool) {
 pub(super) fn l2_normalize_forward(x: &Tensor) -> Result<Tensor> {
     let (_, d) = x.dims2("l2_normalize_forward")?;
     let xv = x.cpu_slice()?;
-    let mut y = vec![0.0; xv.len()];
-    if d > 0 {
-        y.par_chunks_mut(d).zip(xv.par_chunks(d)).with_min_len(rows_per_task(d)).for_each(|(y, x)| {
-            let (n, _) = row_norm(x);
-            y.iter_mut().zip(x).for_each(|(y, &x)| *y = x / n);
-        });
-    }
+    let y = fill_rows(xv.len(), d, |r, y| {
+        let x = &xv[r * d..][..d];
+        let (n, _) = row_norm(x);
+        y.iter_mut().zip(x).for_each(|(y, &x)| _ = y.write(x / n));
+    });
     Tensor::from_vec(y, x.shape())
 }
 
 pub(super) fn l2_normalize_backward(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
     let (_, d) = x.dims2("l2_normalize_backward")?;
     let (xv, dyv) = (x.cpu_slice()?, dy.cpu_slice()?);
-    let mut dx = vec![0.0; xv.len()];
-    if d > 0 {
-        dx.par_chunks_mut(d).zip(xv.par_chunks(d).zip(dyv.par_chunks(d))).with_min_len(rows_per_task(d)).for_each(|(dx, (x, dy))| {
-            let (n, active) = row_norm(x);
-            // y = x / n: dx = (dy - y (y . dy)) / n; with the clamp active n is a constant.
-            let proj = if active { x.iter().zip(dy).map(|(&x, &g)| x as f64 * g as f64).sum::<f64>() as f32 / (n * n) } else { 0.0 };
-            dx.iter_mut().zip(x.iter().zip(dy)).for_each(|(dx, (&x, &g))| *dx = (g - x * proj) / n);
-        });
-    }
+    let dx = fill_rows(xv.len(), d, |r, dx| {
+        let (x, dy) = (&xv[r * d..][..d], &dyv[r * d..][..d]);
+        let (n, active) = row_norm(x);
+        // y = x / n: dx = (dy - y (y . dy)) / n; with the clamp active n is a constant.
+        let proj = if active { x.iter().zip(dy).map(|(&x, &g)| x as f64 * g as f64).sum::<f64>() as f32 / (n * n) } else { 0.0 };
+        dx.iter_mut().zip(x.iter().zip(dy)).for_each(|(dx, (&x, &g))| _ = dx.write((g - x * proj) / n));
+    });
     Tensor::from_vec(dx, x.shape())
 }
 
@@ -286,16 +309,14 @@ pub(super) fn concat(xs: &[&Tensor], axis: usize) -> Result<Tensor> {
     let (_, inner) = outer_inner(&shape, axis);
     let block = shape[axis] * inner;
     let parts: Vec<(&[f32], usize)> = xs.iter().map(|x| Ok((x.cpu_slice()?, x.shape()[axis] * inner))).collect::<Result<_>>()?;
-    let mut y = vec![0.0; numel(&shape)];
-    if block > 0 {
-        y.par_chunks_mut(block).enumerate().with_min_len(rows_per_task(block)).for_each(|(o, out)| {
-            let mut at = 0;
-            for &(src, len) in &parts {
-                out[at..at + len].copy_from_slice(&src[o * len..(o + 1) * len]);
-                at += len;
-            }
-        });
-    }
+    // The parts' lengths along `axis` add up to the block, so each block is written in full.
+    let y = fill_rows(numel(&shape), block, |o, out| {
+        let mut at = 0;
+        for &(src, len) in &parts {
+            write_copy(&mut out[at..at + len], &src[o * len..(o + 1) * len]);
+            at += len;
+        }
+    });
     Tensor::from_vec(y, &shape)
 }
 
@@ -306,12 +327,9 @@ pub(super) fn narrow(x: &Tensor, axis: usize, start: usize, len: usize) -> Resul
     shape[axis] = len;
     let block = len * inner;
     let xv = x.cpu_slice()?;
-    let mut y = vec![0.0; numel(&shape)];
-    if block > 0 {
-        y.par_chunks_mut(block).enumerate().with_min_len(rows_per_task(block)).for_each(|(o, out)| {
-            let from = o * src_block + start * inner;
-            out.copy_from_slice(&xv[from..from + block]);
-        });
-    }
+    let y = fill_rows(numel(&shape), block, |o, out| {
+        let from = o * src_block + start * inner;
+        write_copy(out, &xv[from..from + block]);
+    });
     Tensor::from_vec(y, &shape)
 }
