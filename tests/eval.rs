@@ -154,6 +154,14 @@ fn features_match_naive_reference() {
 
     assert!(evaluate(&q, &Tensor::from_vec(gf32, &[ng / 2, 2 * d]).unwrap(), &qp, &qc, &gp[..ng / 2], &gc[..ng / 2]).is_err());
     assert!(evaluate(&q, &g, &qp[1..], &qc, &gp, &gc).is_err());
+
+    // Features on the GPU: the products run there, the metrics agree with the naive reference.
+    if plr_engine::testing::cuda_or_skip("features_match_naive_reference (cuda)") {
+        let on_gpu = |t: &Tensor| t.to_device(plr_engine::Device::Cuda).unwrap();
+        let m = evaluate(&on_gpu(&q), &on_gpu(&g), &qp, &qc, &gp, &gc).unwrap();
+        assert!((m.map - map).abs() < 1e-6 && (m.minp - minp).abs() < 1e-6, "cuda: mAP {} vs {map}, mINP {} vs {minp}", m.map, m.minp);
+        assert_eq!(m.rank1, cmc[0]);
+    }
 }
 
 #[test]

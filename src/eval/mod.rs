@@ -6,6 +6,7 @@ use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::error::{Error, Result};
+use crate::ops::attention::bmm;
 use crate::ops::gemm::sgemm;
 use crate::tensor::{Device, Tensor};
 
@@ -125,16 +126,23 @@ pub fn evaluate_distances(dist: &[f32], q_pids: &[usize], q_camids: &[usize], g_
 /// ([ng, d]), as a row-major [nq, ng] matrix. `d` must be positive.
 pub fn squared_euclidean(q: &[f32], g: &[f32], d: usize) -> Vec<f32> {
     let (nq, ng) = (q.len() / d, g.len() / d);
-    let norms = |x: &[f32]| -> Vec<f32> { x.chunks(d).map(|r| r.iter().map(|v| v * v).sum()).collect() };
-    let (qn, gn) = (norms(q), norms(g));
-    let mut out = vec![0.0f32; nq * ng];
-    sgemm(nq, ng, d, q, false, g, true, &mut out, false, true);
-    out.par_chunks_mut(ng.max(1)).zip(qn.par_iter()).for_each(|(row, &a)| {
-        for (o, &b) in row.iter_mut().zip(&gn) {
+    let mut dots = vec![0.0f32; nq * ng];
+    sgemm(nq, ng, d, q, false, g, true, &mut dots, false, true);
+    dots_to_squared_distances(dots, &row_norms(q, d), &row_norms(g, d))
+}
+
+fn row_norms(x: &[f32], d: usize) -> Vec<f32> {
+    x.chunks(d).map(|r| r.iter().map(|v| v * v).sum()).collect()
+}
+
+/// Turns the [nq, ng] dot products q·g into ‖q‖² + ‖g‖² − 2 q·g, in place.
+fn dots_to_squared_distances(mut dots: Vec<f32>, qn: &[f32], gn: &[f32]) -> Vec<f32> {
+    dots.par_chunks_mut(gn.len().max(1)).zip(qn.par_iter()).for_each(|(row, &a)| {
+        for (o, &b) in row.iter_mut().zip(gn) {
             *o = a + b - 2.0 * *o;
         }
     });
-    out
+    dots
 }
 
 /// Evaluates query features [nq, D] against gallery features [ng, D]. Distances are computed in
@@ -162,13 +170,19 @@ fn evaluate_blocked(
     if ng == 0 || d == 0 {
         return Err(Error::msg(format!("evaluate: empty gallery ({ng} items) or features ({d} values)")));
     }
-    let (qf, gf) = (qf.to_device(Device::Cpu)?, gf.to_device(Device::Cpu)?);
-    let (q, g) = (qf.cpu_slice()?, gf.cpu_slice()?);
+    // The dot products run where the features are (cuBLAS on a GPU); norms and ranking on the host.
+    let device = gf.device();
+    let (q_host, g_host) = (qf.to_device(Device::Cpu)?, gf.to_device(Device::Cpu)?);
+    let q = q_host.cpu_slice()?;
+    let (qn, gn) = (row_norms(q, d), row_norms(g_host.cpu_slice()?, d));
+    let g3 = gf.reshape(&[1, ng, d])?;
     let rows = (block_values / ng).max(1);
     let mut results = Vec::with_capacity(nq);
     for start in (0..nq).step_by(rows) {
         let end = (start + rows).min(nq);
-        let dist = squared_euclidean(&q[start * d..end * d], g, d);
+        let q3 = Tensor::from_vec(q[start * d..end * d].to_vec(), &[1, end - start, d])?.to_device(device)?;
+        let dots = bmm(&q3, &g3, false, true)?.to_vec()?;
+        let dist = dots_to_squared_distances(dots, &qn[start..end], &gn);
         results.par_extend(
             dist.par_chunks(ng).enumerate().map(|(i, row)| eval_query(row, q_pids[start + i], q_camids[start + i], g_pids, g_camids)),
         );
