@@ -63,7 +63,8 @@ pub fn evaluate_model(
     let gf = extract_features(model, store, gallery, batch, device)?;
     let (qp, qc) = ids(query.samples());
     let (gp, gc) = ids(gallery.samples());
-    let metrics = evaluate(&qf, &gf, &qp, &qc, &gp, &gc)?;
+    // Distances on the model's device: the gallery goes up once, query blocks follow.
+    let metrics = evaluate(&qf, &gf.to_device(device)?, &qp, &qc, &gp, &gc)?;
     Ok(EvalReport {
         dataset: dataset.to_string(),
         num_query: qp.len(),
