@@ -10,6 +10,11 @@
 #                                    fails) and tees the logs into $OUT (default .carry/out); extra
 #                                    args go to each binary (e.g. a test name filter); exits
 #                                    non-zero if any binary failed
+#   scripts/gpu-test.sh speed        (on the GPU machine) plr-engine bench on CUDA (our depthwise
+#                                    kernels, then cuDNN's) and tools/compare_pytorch.py --device cuda
+#                                    with the engine in the same invocation; logs and JSON into $OUT
+#   scripts/gpu-test.sh kernels      (on the GPU machine) the criterion kernel benches
+#                                    (benches/kernels_cuda.rs), criterion's files into $OUT/criterion
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CARRY=.carry
@@ -36,6 +41,10 @@ build() {
     done < <(grep -E '^ *Executable ' "$CARRY/build.log")
     cp target/release/plr-engine "$CARRY/plr-engine"
     strip --strip-debug "$CARRY/plr-engine"
+    cargo bench --bench kernels_cuda --no-run 2>&1 | tee "$CARRY/build.log" >&2
+    path="$(sed -nE 's/^ *Executable benches\/kernels_cuda.rs \((.*)\)$/\1/p' "$CARRY/build.log")"
+    cp "$path" "$CARRY/bench-kernels_cuda"
+    strip --strip-debug "$CARRY/bench-kernels_cuda"
     rm "$CARRY/build.log"
     ls -l "$CARRY"
     du -sh "$CARRY"
@@ -69,8 +78,33 @@ run() {
     echo "all test binaries passed"
 }
 
+gpu_env() {
+    local out="$1"
+    mkdir -p "$out"
+    # shellcheck source=scripts/gpu-env.sh
+    source scripts/gpu-env.sh >"$out/gpu-env.log" 2>&1
+    nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv 2>&1 | tee "$out/nvidia-smi.log" || true
+}
+
+speed() {
+    local out="${OUT:-$CARRY/out}"
+    gpu_env "$out"
+    "$CARRY/plr-engine" bench --device cuda --json "$out/bench-engine.json" 2>&1 | tee "$out/bench-engine.log"
+    PLR_DEPTHWISE=cudnn "$CARRY/plr-engine" bench --device cuda --json "$out/bench-engine-cudnn-depthwise.json" 2>&1 |
+        tee "$out/bench-engine-cudnn-depthwise.log"
+    python3 tools/compare_pytorch.py --device cuda --engine "$CARRY/plr-engine" --json "$out/compare.json" 2>&1 | tee "$out/compare.log"
+}
+
+kernels() {
+    local out="${OUT:-$CARRY/out}"
+    gpu_env "$out"
+    CRITERION_HOME="$out/criterion" "$CARRY/bench-kernels_cuda" --bench "$@" 2>&1 | tee "$out/kernels_cuda.log"
+}
+
 case "${1:-}" in
     build) build ;;
     run) shift; run "$@" ;;
-    *) echo "usage: $0 build | run [test-binary args]" >&2; exit 2 ;;
+    speed) speed ;;
+    kernels) shift; kernels "$@" ;;
+    *) echo "usage: $0 build | run [test-binary args] | speed | kernels [criterion filter]" >&2; exit 2 ;;
 esac
