@@ -50,6 +50,6 @@ pub fn export(weights: &Path, out: &Path) -> Result<ExportSummary> {
 
 pub fn run(args: &ExportArgs) -> Result<()> {
     let s = export(&args.weights, &args.out)?;
-    println!("exported {:?}: {} tensors, {} parameters -> {}", s.model, s.tensors, s.parameters, args.out.display());
+    println!("exported {}: {} tensors, {} parameters -> {}", s.model, s.tensors, s.parameters, args.out.display());
     Ok(())
 }

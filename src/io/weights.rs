@@ -313,6 +313,17 @@ pub enum ModelKind {
     Osnet(OsnetConfig),
 }
 
+impl std::fmt::Display for ModelKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ModelKind::PlrOsnet(c) => {
+                write!(f, "PLR-OSNet (channels {:?}, {} classes, {} parts)", c.channels, c.num_classes, c.parts)
+            }
+            ModelKind::Osnet(c) => write!(f, "OSNet (channels {:?}, {} classes)", c.channels, c.num_classes),
+        }
+    }
+}
+
 fn dim0(path: &Path, sd: &BTreeMap<&str, &FileTensor>, name: &str) -> Result<usize> {
     match sd.get(name).map(|t| t.shape.as_slice()) {
         Some([d, ..]) => Ok(*d),
