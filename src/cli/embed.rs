@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 
 use super::device::{resolve_device, DeviceChoice};
@@ -91,6 +92,13 @@ pub fn embed_files(
     let dim = model.config.feature_dim();
     let (h, w) = (height as usize, width as usize);
     let mut features = Vec::with_capacity(files.len() * dim);
+    // Drawn on stderr only when it is a terminal.
+    let pb = ProgressBar::new(files.len() as u64);
+    pb.set_style(
+        ProgressStyle::with_template("embed {bar:24} {pos}/{len} images, {per_sec} [{elapsed_precise}<{eta_precise}]")
+            .expect("the template is valid")
+            .progress_chars("=> "),
+    );
     for chunk in files.chunks(batch_size) {
         let images: Vec<Vec<f32>> = chunk.par_iter().map(|p| load_test_image(p, height, width)).collect::<Result<_>>()?;
         let x = Tensor::from_vec(images.concat(), &[chunk.len(), 3, h, w])?.to_device(device)?;
@@ -98,7 +106,9 @@ pub fn embed_files(
         let mut ctx = Ctx::new(&mut tape, &mut store, false);
         let f = model.forward_eval(&mut ctx, &Var::constant(x))?;
         features.extend(f.value().to_vec()?);
+        pb.inc(chunk.len() as u64);
     }
+    pb.finish_and_clear();
     Ok((features, dim))
 }
 
