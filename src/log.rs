@@ -1,11 +1,13 @@
 //! A JSON-lines event log: one object per line (`{"event": ..., "time": ..., ...fields}`),
-//! appended and flushed as it is written, so a crashed run keeps every event before the crash.
+//! appended and flushed as it is written, so a crashed run keeps every event before the crash;
+//! and the progress bar of the commands that stream images through the model.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -47,6 +49,19 @@ impl JsonLog {
         line.push('\n');
         self.file.write_all(line.as_bytes()).and_then(|_| self.file.flush()).map_err(|e| Error::io(&self.path, e))
     }
+}
+
+/// A bar counting `len` images as `label` goes through them, with images/s and ETA; indicatif
+/// draws it on stderr only when that is a terminal.
+pub fn image_bar(len: usize, label: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{prefix} {bar:24} {pos}/{len} images, {per_sec} [{elapsed_precise}<{eta_precise}]")
+            .expect("the template is valid")
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(label.to_string());
+    pb
 }
 
 #[cfg(test)]

@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use indicatif::{ProgressBar, ProgressStyle};
 use rayon::prelude::*;
 
 use super::device::{resolve_device, DeviceChoice};
@@ -92,13 +91,7 @@ pub fn embed_files(
     let dim = model.config.feature_dim();
     let (h, w) = (height as usize, width as usize);
     let mut features = Vec::with_capacity(files.len() * dim);
-    // Drawn on stderr only when it is a terminal.
-    let pb = ProgressBar::new(files.len() as u64);
-    pb.set_style(
-        ProgressStyle::with_template("embed {bar:24} {pos}/{len} images, {per_sec} [{elapsed_precise}<{eta_precise}]")
-            .expect("the template is valid")
-            .progress_chars("=> "),
-    );
+    let pb = crate::log::image_bar(files.len(), "embed");
     for chunk in files.chunks(batch_size) {
         let images: Vec<Vec<f32>> = chunk.par_iter().map(|p| load_test_image(p, height, width)).collect::<Result<_>>()?;
         let x = Tensor::from_vec(images.concat(), &[chunk.len(), 3, h, w])?.to_device(device)?;

@@ -21,15 +21,19 @@ use crate::tensor::{Device, Tensor};
 pub fn extract_features(model: &PlrOsnet, store: &mut ParamStore, loader: &Loader, batch: usize, device: Device) -> Result<Tensor> {
     let dim = model.config.feature_dim();
     let mut features = Vec::with_capacity(loader.samples().len() * dim);
+    let pb = crate::log::image_bar(loader.samples().len(), "features");
     for b in loader.in_order(batch)? {
         let b = b.map_err(|e| {
             Error::msg(format!("feature extraction: {e} (an unreadable query or gallery image is fatal: remove or replace it)"))
         })?;
+        let count = b.len();
         let x = b.into_tensor()?.to_device(device)?;
         let mut tape = Tape::no_grad();
         let mut ctx = Ctx::new(&mut tape, store, false);
         features.extend(model.forward_eval(&mut ctx, &Var::constant(x))?.value().to_vec()?);
+        pb.inc(count as u64);
     }
+    pb.finish_and_clear();
     Tensor::from_vec(features, &[loader.samples().len(), dim])
 }
 
