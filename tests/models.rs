@@ -507,6 +507,11 @@ fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
+/// `plr-engine embed --weights W --images I --out O` followed by `extra`.
+fn embed(weights: &Path, images: &Path, out: &Path, extra: &[&str]) -> (bool, String) {
+    run(&[&["embed", "--weights", p(weights), "--images", p(images), "--out", p(out)], extra].concat())
+}
+
 /// A small PLR-OSNet weights file with trained-looking BatchNorm statistics.
 fn small_weights(dir: &Path) -> PathBuf {
     let mut store = ParamStore::new();
@@ -532,23 +537,7 @@ fn embed_writes_the_eval_features_of_every_image_in_name_order() {
     let weights = small_weights(&dir);
     let out = dir.join("feats.safetensors");
 
-    let (ok, err) = run(&[
-        "embed",
-        "--weights",
-        p(&weights),
-        "--images",
-        p(&images),
-        "--out",
-        p(&out),
-        "--device",
-        "cpu",
-        "--height",
-        "64",
-        "--width",
-        "32",
-        "--batch-size",
-        "2",
-    ]);
+    let (ok, err) = embed(&weights, &images, &out, &["--device", "cpu", "--height", "64", "--width", "32", "--batch-size", "2"]);
     assert!(ok, "{err}");
     let file = TensorFile::read(&out).unwrap();
     let feats = file.require("features").unwrap();
@@ -573,44 +562,29 @@ fn embed_errors_name_the_culprit() {
     let out = dir.join("feats.safetensors");
     let empty = dir.join("empty");
     std::fs::create_dir_all(&empty).unwrap();
-    let (ok, err) = run(&["embed", "--weights", p(&weights), "--images", p(&empty), "--out", p(&out), "--device", "cpu"]);
+    let (ok, err) = embed(&weights, &empty, &out, &["--device", "cpu"]);
     assert!(!ok && err.contains(p(&empty)) && err.contains("no .jpg"), "{err}");
 
     let bad = dir.join("bad");
     std::fs::create_dir_all(&bad).unwrap();
     image::RgbImage::new(8, 16).save(bad.join("good.png")).unwrap();
     std::fs::write(bad.join("broken.jpg"), b"\xff\xd8 definitely not a jpeg").unwrap();
-    let (ok, err) = run(&[
-        "embed",
-        "--weights",
-        p(&weights),
-        "--images",
-        p(&bad),
-        "--out",
-        p(&out),
-        "--device",
-        "cpu",
-        "--height",
-        "64",
-        "--width",
-        "32",
-    ]);
+    let (ok, err) = embed(&weights, &bad, &out, &["--device", "cpu", "--height", "64", "--width", "32"]);
     assert!(!ok && err.contains("broken.jpg"), "{err}");
     assert!(!out.exists(), "no output is written on failure");
 
     let missing = dir.join("missing.safetensors");
-    let (ok, err) = run(&["embed", "--weights", p(&missing), "--images", p(&bad), "--out", p(&out), "--device", "cpu"]);
+    let (ok, err) = embed(&missing, &bad, &out, &["--device", "cpu"]);
     assert!(!ok && err.contains("missing.safetensors"), "{err}");
 
-    let (ok, err) = run(&["embed", "--weights", p(&weights), "--images", p(&bad), "--out", p(&out), "--device", "cpu", "--height", "40"]);
+    let (ok, err) = embed(&weights, &bad, &out, &["--device", "cpu", "--height", "40"]);
     assert!(!ok && err.contains("--height 40"), "{err}");
 
-    let (ok, err) =
-        run(&["embed", "--weights", p(&weights), "--images", p(&bad), "--out", p(&out), "--device", "cpu", "--batch-size", "0"]);
+    let (ok, err) = embed(&weights, &bad, &out, &["--device", "cpu", "--batch-size", "0"]);
     assert!(!ok && err.contains("--batch-size"), "{err}");
 
     if let Err(why) = plr_engine::cuda::probe() {
-        let (ok, err) = run(&["embed", "--weights", p(&weights), "--images", p(&bad), "--out", p(&out), "--device", "cuda"]);
+        let (ok, err) = embed(&weights, &bad, &out, &["--device", "cuda"]);
         assert!(!ok && err.contains("--device cuda") && err.contains(&why), "{err}");
     }
 }
