@@ -117,15 +117,20 @@ fn inputs(c: &Case, rng: &mut Rng) -> Inputs {
 fn forward_and_backward_match_direct_loops() {
     let mut rng = Rng::new(1);
     for c in cases() {
-        let t = inputs(&c, &mut rng);
-        let y = conv2d_forward(&t.x, &t.w, t.b.as_ref(), c.cfg).unwrap();
-        let dy = Tensor::randn(y.shape(), 1.0, &mut rng);
-        let r = reference(&t.x, &t.w, t.b.as_ref(), &dy, c.cfg);
-        assert_close(&y, &r.y, &format!("{}: forward", c.name));
-        assert_close(&conv2d_backward_data(&dy, &t.w, t.x.shape(), c.cfg).unwrap(), &r.dx, &format!("{}: backward data", c.name));
-        assert_close(&conv2d_backward_filter(&dy, &t.x, t.w.shape(), c.cfg).unwrap(), &r.dw, &format!("{}: backward filter", c.name));
-        assert_close(&conv2d_backward_bias(&dy).unwrap(), &r.db, &format!("{}: backward bias", c.name));
+        check_against_reference(&c, &mut rng);
     }
+}
+
+/// Forward and the three backward passes of case `c` on random inputs against the direct loops.
+fn check_against_reference(c: &Case, rng: &mut Rng) {
+    let t = inputs(c, rng);
+    let y = conv2d_forward(&t.x, &t.w, t.b.as_ref(), c.cfg).unwrap();
+    let dy = Tensor::randn(y.shape(), 1.0, rng);
+    let r = reference(&t.x, &t.w, t.b.as_ref(), &dy, c.cfg);
+    assert_close(&y, &r.y, &format!("{}: forward", c.name));
+    assert_close(&conv2d_backward_data(&dy, &t.w, t.x.shape(), c.cfg).unwrap(), &r.dx, &format!("{}: backward data", c.name));
+    assert_close(&conv2d_backward_filter(&dy, &t.x, t.w.shape(), c.cfg).unwrap(), &r.dw, &format!("{}: backward filter", c.name));
+    assert_close(&conv2d_backward_bias(&dy).unwrap(), &r.db, &format!("{}: backward bias", c.name));
 }
 
 /// The image-parallel and the GEMM-parallel schedules (more images than threads, and fewer)
@@ -139,13 +144,7 @@ fn larger_batches_match_direct_loops() {
         case("7x7/2 batch 1", [1, 3, 24, 16], 8, 7, (2, 3, 1), false),
         case("depthwise batch 5", [5, 8, 16, 8], 8, 3, (1, 1, 8), false),
     ] {
-        let t = inputs(&c, &mut rng);
-        let y = conv2d_forward(&t.x, &t.w, t.b.as_ref(), c.cfg).unwrap();
-        let dy = Tensor::randn(y.shape(), 1.0, &mut rng);
-        let r = reference(&t.x, &t.w, t.b.as_ref(), &dy, c.cfg);
-        assert_close(&y, &r.y, &format!("{}: forward", c.name));
-        assert_close(&conv2d_backward_data(&dy, &t.w, t.x.shape(), c.cfg).unwrap(), &r.dx, &format!("{}: backward data", c.name));
-        assert_close(&conv2d_backward_filter(&dy, &t.x, t.w.shape(), c.cfg).unwrap(), &r.dw, &format!("{}: backward filter", c.name));
+        check_against_reference(&c, &mut rng);
     }
 }
 
