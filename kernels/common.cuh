@@ -10,6 +10,20 @@
 
 #define NEG_INF __int_as_float(0xff800000)
 
+// bfloat16 as its bit pattern, with the conversions written out so that no CUDA header is needed.
+// f32_to_bf16 rounds to nearest even and keeps NaN a (quiet) NaN, exactly as half::bf16::from_f32
+// does on the CPU side, so the CPU reference and the kernels round alike.
+typedef unsigned short bf16;
+
+__device__ __forceinline__ float bf16_to_f32(bf16 v) { return __uint_as_float(((unsigned int)v) << 16); }
+
+__device__ __forceinline__ bf16 f32_to_bf16(float f) {
+    unsigned int u = __float_as_uint(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (bf16)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (bf16)(u >> 16);
+}
+
 // Per-dimension sizes or strides, passed by value (Rust: [i32; 8]).
 struct Dims8 {
     int v[8];

@@ -2,6 +2,14 @@
 // row-wise L2 normalisation and 2-d strided copies (concat / narrow).
 #include "common.cuh"
 
+extern "C" __global__ void cast_f32_to_bf16(const float* x, bf16* y, int n) {
+    GRID_STRIDE(i, n) y[i] = f32_to_bf16(x[i]);
+}
+
+extern "C" __global__ void cast_bf16_to_f32(const bf16* x, float* y, int n) {
+    GRID_STRIDE(i, n) y[i] = bf16_to_f32(x[i]);
+}
+
 extern "C" __global__ void relu_forward(const float* x, float* y, int n) {
     GRID_STRIDE(i, n) y[i] = fmaxf(x[i], 0.0f);
 }

@@ -9,8 +9,11 @@ pub enum Error {
     #[error("{op}: {msg}")]
     Shape { op: &'static str, msg: String },
     /// An op was given a tensor of an element type it does not support.
-    #[error("{op}: unsupported dtype {dtype:?}")]
+    #[error("{op}: unsupported dtype {dtype}")]
     DType { op: &'static str, dtype: crate::tensor::DType },
+    /// Inputs of one op have different element types (the model casts where it mixes them).
+    #[error("{op}: tensors of different dtypes ({a} and {b})")]
+    DTypeMismatch { op: &'static str, a: crate::tensor::DType, b: crate::tensor::DType },
     /// Inputs of one op live on different devices.
     #[error("{op}: tensors on different devices ({a:?} and {b:?})")]
     DeviceMismatch { op: &'static str, a: crate::tensor::Device, b: crate::tensor::Device },

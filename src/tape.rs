@@ -13,7 +13,7 @@ use crate::ops::conv::{self, Conv2dCfg};
 use crate::ops::pool::{self, Pool2dCfg};
 use crate::ops::{attention, elementwise as ew, linear, loss};
 use crate::params::{Kind, ParamId, ParamStore};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 
 pub type NodeId = usize;
 
@@ -70,6 +70,7 @@ enum Op {
     L2Normalize { x: Src, x_val: Tensor },
     Concat { inputs: Vec<(Src, usize)>, axis: usize },
     Reshape { x: Src, shape: Vec<usize> },
+    Cast { x: Src, from: DType },
     MaxPool2d { x: Src, x_val: Tensor, cfg: Pool2dCfg },
     AvgPool2d { x: Src, shape: Vec<usize>, cfg: Pool2dCfg },
     GlobalAvgPool { x: Src, shape: Vec<usize> },
@@ -298,6 +299,15 @@ impl Tape {
         Ok(self.push(y, x.requires_grad(), || Op::Reshape { x: src(x), shape: x.shape().to_vec() }))
     }
 
+    /// x converted to `dtype` (mixed precision); the gradient is converted back to x's dtype.
+    pub fn cast(&mut self, x: &Var, dtype: DType) -> Result<Var> {
+        if x.value.dtype() == dtype {
+            return Ok(x.clone());
+        }
+        let y = x.value.to_dtype(dtype)?;
+        Ok(self.push(y, x.requires_grad(), || Op::Cast { x: src(x), from: x.value.dtype() }))
+    }
+
     pub fn max_pool2d(&mut self, x: &Var, cfg: Pool2dCfg) -> Result<Var> {
         let y = pool::max_pool2d_forward(&x.value, cfg)?;
         Ok(self.push(y, x.requires_grad(), || Op::MaxPool2d { x: src(x), x_val: x.value.clone(), cfg }))
@@ -462,6 +472,7 @@ impl Tape {
                     }
                 }
                 Op::Reshape { x, shape } => give(x, dy.reshape(&shape)?)?,
+                Op::Cast { x, from } => give(x, dy.to_dtype(from)?)?,
                 Op::MaxPool2d { x, x_val, cfg } => give(x, pool::max_pool2d_backward(&dy, &x_val, cfg)?)?,
                 Op::AvgPool2d { x, shape, cfg } => give(x, pool::avg_pool2d_backward(&dy, &shape, cfg)?)?,
                 Op::GlobalAvgPool { x, shape } => give(x, pool::global_avg_pool_backward(&dy, &shape)?)?,

@@ -9,8 +9,10 @@ use crate::cuda::CudaBuffer;
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 
-/// Element type of a tensor's storage. Every tensor is f32 today; bf16 activations come with the
-/// mixed-precision path, and ops already check the dtype they are given.
+/// Element type of a tensor's storage. On the GPU a bf16 tensor holds 2-byte values; on the CPU it
+/// holds f32 values that are exactly representable in bf16 (every op producing a bf16 tensor rounds
+/// its f32 result once, to nearest even), so the CPU backend computes what the GPU does: bf16
+/// storage, f32 arithmetic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
@@ -24,6 +26,20 @@ impl DType {
             DType::BF16 => 2,
         }
     }
+}
+
+impl std::fmt::Display for DType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+        })
+    }
+}
+
+/// `v` rounded to the nearest bf16 value (ties to even), as an f32.
+pub fn round_bf16(v: f32) -> f32 {
+    half::bf16::from_f32(v).to_f32()
 }
 
 /// Where a tensor lives and where the ops on it run.
@@ -89,9 +105,10 @@ impl Tensor {
         Ok(Tensor { shape: shape.to_vec(), dtype: DType::F32, storage: Arc::new(Storage::Cpu(data)) })
     }
 
-    /// Wraps an existing storage; the caller guarantees the length matches the shape.
-    pub(crate) fn from_storage(storage: Storage, shape: &[usize]) -> Tensor {
-        Tensor { shape: shape.to_vec(), dtype: DType::F32, storage: Arc::new(storage) }
+    /// Wraps an existing storage holding `dtype` values (on the CPU: f32 values already rounded
+    /// to `dtype`).
+    pub(crate) fn from_storage_dtype(storage: Storage, shape: &[usize], dtype: DType) -> Tensor {
+        Tensor { shape: shape.to_vec(), dtype, storage: Arc::new(storage) }
     }
 
     pub fn zeros(shape: &[usize], device: Device) -> Result<Tensor> {
@@ -176,11 +193,31 @@ impl Tensor {
         }
     }
 
-    /// The values, copied to the host.
+    /// The values as f32, copied to the host.
     pub fn to_vec(&self) -> Result<Vec<f32>> {
+        match (&*self.storage, self.dtype) {
+            (Storage::Cpu(v), _) => Ok(v.clone()),
+            (Storage::Cuda(b), DType::F32) => b.to_host(),
+            (Storage::Cuda(b), DType::BF16) => Ok(b.to_host_u16()?.into_iter().map(|u| half::bf16::from_bits(u).to_f32()).collect()),
+        }
+    }
+
+    /// The tensor converted to `dtype` (the same tensor if it already is); f32 to bf16 rounds to
+    /// nearest even.
+    pub fn to_dtype(&self, dtype: DType) -> Result<Tensor> {
+        if self.dtype == dtype {
+            return Ok(self.clone());
+        }
         match &*self.storage {
-            Storage::Cpu(v) => Ok(v.clone()),
-            Storage::Cuda(b) => b.to_host(),
+            Storage::Cpu(v) => {
+                let data = match dtype {
+                    DType::BF16 => v.iter().map(|&x| round_bf16(x)).collect(),
+                    // bf16 values are exact f32 values already.
+                    DType::F32 => v.clone(),
+                };
+                Ok(Tensor { shape: self.shape.clone(), dtype, storage: Arc::new(Storage::Cpu(data)) })
+            }
+            Storage::Cuda(_) => crate::cuda::cast(self, dtype),
         }
     }
 
@@ -197,8 +234,11 @@ impl Tensor {
             return Ok(self.clone());
         }
         let storage = match (&*self.storage, device) {
-            (Storage::Cpu(v), Device::Cuda) => Storage::Cuda(CudaBuffer::from_host(v)?),
-            (Storage::Cuda(b), Device::Cpu) => Storage::Cpu(b.to_host()?),
+            (Storage::Cpu(v), Device::Cuda) => Storage::Cuda(match self.dtype {
+                DType::F32 => CudaBuffer::from_host(v)?,
+                DType::BF16 => CudaBuffer::from_host_u16(&v.iter().map(|&x| half::bf16::from_f32(x).to_bits()).collect::<Vec<_>>())?,
+            }),
+            (Storage::Cuda(_), Device::Cpu) => Storage::Cpu(self.to_vec()?),
             _ => unreachable!("same-device case returned above"),
         };
         Ok(Tensor { shape: self.shape.clone(), dtype: self.dtype, storage: Arc::new(storage) })
@@ -230,10 +270,19 @@ impl Tensor {
 
     /// Errors unless every tensor is f32 and on the same device as `self`; returns that device.
     pub fn check_same(&self, op: &'static str, others: &[&Tensor]) -> Result<Device> {
+        let dev = self.check_same_dtype(op, others)?;
+        if self.dtype != DType::F32 {
+            return Err(Error::DType { op, dtype: self.dtype });
+        }
+        Ok(dev)
+    }
+
+    /// Errors unless every tensor has `self`'s dtype (f32 or bf16) and device; returns the device.
+    pub fn check_same_dtype(&self, op: &'static str, others: &[&Tensor]) -> Result<Device> {
         let dev = self.device();
-        for t in std::iter::once(self).chain(others.iter().copied()) {
-            if t.dtype != DType::F32 {
-                return Err(Error::DType { op, dtype: t.dtype });
+        for t in others {
+            if t.dtype != self.dtype {
+                return Err(Error::DTypeMismatch { op, a: self.dtype, b: t.dtype });
             }
             if t.device() != dev {
                 return Err(Error::DeviceMismatch { op, a: dev, b: t.device() });
@@ -257,5 +306,28 @@ mod tests {
         assert_eq!(b.to_vec().unwrap(), vec![9.0, 2.0, 3.0, 4.0]);
         assert!(a.reshape(&[3]).is_err());
         assert!(Tensor::from_vec(vec![1.0], &[2]).is_err());
+    }
+
+    #[test]
+    fn bf16_rounds_to_nearest_even_and_casts_back_exactly() {
+        // 1 + 2^-8 is halfway between bf16 neighbours 1 and 1 + 2^-7: ties go to the even one (1).
+        let halfway = 1.0 + 2f32.powi(-8);
+        assert_eq!(round_bf16(halfway), 1.0);
+        assert_eq!(round_bf16(1.0 + 3.0 * 2f32.powi(-8)), 1.0 + 2.0 * 2f32.powi(-7));
+        assert_eq!(round_bf16(1.0 + 2f32.powi(-8) + 2f32.powi(-20)), 1.0 + 2f32.powi(-7));
+        assert!(round_bf16(f32::NAN).is_nan());
+        let mut rng = Rng::new(3);
+        let x = Tensor::randn(&[64], 3.0, &mut rng);
+        let b = x.to_dtype(DType::BF16).unwrap();
+        assert_eq!(b.dtype(), DType::BF16);
+        for (&v, &r) in x.cpu_slice().unwrap().iter().zip(b.cpu_slice().unwrap()) {
+            assert!((v - r).abs() <= v.abs() * 2f32.powi(-8), "{v} -> {r}");
+            assert_eq!(round_bf16(r), r);
+        }
+        let back = b.to_dtype(DType::F32).unwrap();
+        assert_eq!(back.dtype(), DType::F32);
+        assert_eq!(back.to_vec().unwrap(), b.to_vec().unwrap());
+        assert!(matches!(x.check_same_dtype("t", &[&b]), Err(Error::DTypeMismatch { .. })));
+        assert!(matches!(b.check_same("t", &[]), Err(Error::DType { .. })));
     }
 }

@@ -638,3 +638,27 @@ fn concurrent_threads() {
         r.join().expect("a GPU thread failed");
     }
 }
+
+#[test]
+fn bf16_cast_and_transfer() {
+    if !gpu("bf16_cast_and_transfer") {
+        return;
+    }
+    use plr_engine::tensor::DType;
+    let mut rng = Rng::new(31);
+    // Values spread over many binades, plus ties and specials.
+    let mut v = Tensor::randn(&[4099], 50.0, &mut rng).to_vec().unwrap();
+    v.extend([1.0 + 2f32.powi(-8), -(1.0 + 3.0 * 2f32.powi(-8)), 0.0, -0.0, f32::INFINITY, 3.4e38, 1e-40]);
+    let x = Tensor::from_vec(v.clone(), &[v.len()]).unwrap();
+    let want = x.to_dtype(DType::BF16).unwrap();
+    let on_gpu = x.to_device(Device::Cuda).unwrap().to_dtype(DType::BF16).unwrap();
+    assert_eq!(on_gpu.dtype(), DType::BF16);
+    // The GPU rounds exactly as the CPU does, both ways, and transfers keep bf16 values exact.
+    assert_eq!(on_gpu.to_vec().unwrap(), want.to_vec().unwrap());
+    assert_eq!(on_gpu.to_device(Device::Cpu).unwrap().to_vec().unwrap(), want.to_vec().unwrap());
+    assert_eq!(want.to_device(Device::Cuda).unwrap().to_vec().unwrap(), want.to_vec().unwrap());
+    let back = on_gpu.to_dtype(DType::F32).unwrap();
+    assert_eq!((back.dtype(), back.to_vec().unwrap()), (DType::F32, want.to_vec().unwrap()));
+    let nan = Tensor::from_vec(vec![f32::NAN], &[1]).unwrap().to_device(Device::Cuda).unwrap().to_dtype(DType::BF16).unwrap();
+    assert!(nan.to_vec().unwrap()[0].is_nan());
+}

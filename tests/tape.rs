@@ -170,3 +170,27 @@ fn no_grad_tape_records_nothing() {
     let err = tape.backward(&total).err().expect("backward on a no-grad tape must fail");
     assert!(err.to_string().contains("backward"), "{err}");
 }
+
+/// A cast to bf16 and back: the forward rounds once, the gradient comes back as f32 of the
+/// gradient's bf16 value (what autocast does to a weight's gradient).
+#[test]
+fn cast_rounds_forward_and_converts_the_gradient_back() {
+    use plr_engine::tensor::{round_bf16, DType};
+    let x = randn(&[3, 5], 4);
+    let dy = randn(&[3, 5], 5);
+    let mut tape = Tape::new();
+    let xv = tape.leaf(x.clone());
+    let b = tape.cast(&xv, DType::BF16).unwrap();
+    assert_eq!(b.value().dtype(), DType::BF16);
+    let want: Vec<f32> = x.to_vec().unwrap().into_iter().map(round_bf16).collect();
+    assert_eq!(b.value().to_vec().unwrap(), want);
+    // L = sum(f32(b) * dy): the gradient reaching b is dy rounded to bf16, handed to x as f32.
+    let b32 = tape.cast(&b, DType::F32).unwrap();
+    let w = tape.leaf(dy.clone());
+    let y = tape.mul(&b32, &w).unwrap();
+    let total = tape.sum_all(&y).unwrap();
+    let grads = tape.backward(&total).unwrap();
+    let dx = grads.of(&xv).unwrap();
+    assert_eq!(dx.dtype(), DType::F32);
+    assert_eq!(dx.to_vec().unwrap(), dy.to_vec().unwrap().into_iter().map(round_bf16).collect::<Vec<_>>());
+}

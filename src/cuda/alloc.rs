@@ -124,11 +124,13 @@ pub fn reset_peak_memory() {
     }
 }
 
-/// A device buffer of `len` 4-byte values (f32, or i32 for labels), holding a pool block.
+/// A device buffer of `len` values of `elem` bytes each (4: f32, or i32 for labels; 2: bf16),
+/// holding a pool block.
 pub struct CudaBuffer {
     block: Option<CudaSlice<u8>>,
     ptr: u64,
     len: usize,
+    elem: usize,
 }
 
 impl Drop for CudaBuffer {
@@ -140,16 +142,21 @@ impl Drop for CudaBuffer {
 }
 
 impl CudaBuffer {
-    /// An uninitialised buffer of `len` values.
+    /// An uninitialised buffer of `len` 4-byte values.
     pub(crate) fn alloc(len: usize) -> Result<CudaBuffer> {
+        CudaBuffer::alloc_elems(len, 4)
+    }
+
+    /// An uninitialised buffer of `len` values of `elem` bytes.
+    pub(crate) fn alloc_elems(len: usize, elem: usize) -> Result<CudaBuffer> {
         // Kernels index with 32-bit ints; every size they see is bounded by some buffer's length.
         if len > i32::MAX as usize {
             return Err(Error::Cuda(format!("tensor of {len} elements exceeds the kernels' 2^31 element limit")));
         }
         let be = backend()?;
-        let block = be.pool.take(&be.stream, len * 4)?;
+        let block = be.pool.take(&be.stream, len * elem)?;
         let (ptr, _) = block.device_ptr(&be.stream);
-        Ok(CudaBuffer { block: Some(block), ptr, len })
+        Ok(CudaBuffer { block: Some(block), ptr, len, elem })
     }
 
     fn block(&self) -> &CudaSlice<u8> {
@@ -160,8 +167,8 @@ impl CudaBuffer {
         self.block.as_mut().expect("a live buffer holds its block until dropped")
     }
 
-    fn upload(bytes: &[u8]) -> Result<CudaBuffer> {
-        let mut buf = CudaBuffer::alloc(bytes.len() / 4)?;
+    fn upload(bytes: &[u8], elem: usize) -> Result<CudaBuffer> {
+        let mut buf = CudaBuffer::alloc_elems(bytes.len() / elem, elem)?;
         if !bytes.is_empty() {
             let be = backend()?;
             be.stream.memcpy_htod(bytes, &mut buf.block_mut().slice_mut(..bytes.len())).map_err(|e| driver_err("copy to GPU", e))?;
@@ -170,30 +177,54 @@ impl CudaBuffer {
     }
 
     pub fn from_host(data: &[f32]) -> Result<CudaBuffer> {
-        CudaBuffer::upload(bytemuck::cast_slice(data))
+        CudaBuffer::upload(bytemuck::cast_slice(data), 4)
     }
 
     pub(crate) fn from_host_i32(data: &[i32]) -> Result<CudaBuffer> {
-        CudaBuffer::upload(bytemuck::cast_slice(data))
+        CudaBuffer::upload(bytemuck::cast_slice(data), 4)
     }
 
-    /// Copies the values to the host, after all work submitted so far.
-    pub fn to_host(&self) -> Result<Vec<f32>> {
-        let mut out = vec![0f32; self.len];
-        if self.len > 0 {
+    /// A buffer of bf16 values given as their bit patterns.
+    pub(crate) fn from_host_u16(data: &[u16]) -> Result<CudaBuffer> {
+        CudaBuffer::upload(bytemuck::cast_slice(data), 2)
+    }
+
+    /// Copies the raw bytes into `out` (whose length is the buffer's byte size), after all work
+    /// submitted so far.
+    fn download(&self, out: &mut [u8]) -> Result<()> {
+        if !out.is_empty() {
             let be = backend()?;
-            let dst: &mut [u8] = bytemuck::cast_slice_mut(&mut out);
-            be.stream.memcpy_dtoh(&self.block().slice(..self.len * 4), dst).map_err(|e| driver_err("copy from GPU", e))?;
+            be.stream.memcpy_dtoh(&self.block().slice(..out.len()), out).map_err(|e| driver_err("copy from GPU", e))?;
             be.stream.synchronize().map_err(|e| driver_err("synchronize", e))?;
         }
+        Ok(())
+    }
+
+    /// Copies 4-byte values to the host, after all work submitted so far.
+    pub fn to_host(&self) -> Result<Vec<f32>> {
+        if self.elem != 4 {
+            return Err(Error::Cuda(format!("to_host: buffer holds {}-byte values, not f32", self.elem)));
+        }
+        let mut out = vec![0f32; self.len];
+        self.download(bytemuck::cast_slice_mut(&mut out))?;
+        Ok(out)
+    }
+
+    /// Copies 2-byte values (bf16 bit patterns) to the host.
+    pub(crate) fn to_host_u16(&self) -> Result<Vec<u16>> {
+        if self.elem != 2 {
+            return Err(Error::Cuda(format!("to_host_u16: buffer holds {}-byte values, not bf16", self.elem)));
+        }
+        let mut out = vec![0u16; self.len];
+        self.download(bytemuck::cast_slice_mut(&mut out))?;
         Ok(out)
     }
 
     pub fn try_clone(&self) -> Result<CudaBuffer> {
-        let mut out = CudaBuffer::alloc(self.len)?;
+        let mut out = CudaBuffer::alloc_elems(self.len, self.elem)?;
         if self.len > 0 {
             let be = backend()?;
-            let n = self.len * 4;
+            let n = self.len * self.elem;
             be.stream
                 .memcpy_dtod(&self.block().slice(..n), &mut out.block_mut().slice_mut(..n))
                 .map_err(|e| driver_err("device copy", e))?;
@@ -207,6 +238,11 @@ impl CudaBuffer {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Bytes per value.
+    pub fn elem_bytes(&self) -> usize {
+        self.elem
     }
 
     /// The device address of the first value.

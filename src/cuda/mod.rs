@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use cudarc::driver::{CudaContext, CudaStream, LaunchConfig, PushKernelArg};
 
 use crate::error::{Error, Result};
-use crate::tensor::{Storage, Tensor};
+use crate::tensor::{DType, Storage, Tensor};
 
 pub use alloc::{memory_stats, peak_memory_bytes, reset_peak_memory, CudaBuffer, MemoryStats};
 
@@ -214,11 +214,29 @@ pub(crate) fn ptr_mut(t: &mut Tensor) -> Result<u64> {
     }
 }
 
-/// A new uninitialised CUDA tensor and its address.
+/// A new uninitialised f32 CUDA tensor and its address.
 pub(crate) fn empty(shape: &[usize]) -> Result<(Tensor, u64)> {
-    let buf = CudaBuffer::alloc(crate::tensor::numel(shape))?;
+    empty_dtype(shape, DType::F32)
+}
+
+/// A new uninitialised CUDA tensor of `dtype` and its address.
+pub(crate) fn empty_dtype(shape: &[usize], dtype: DType) -> Result<(Tensor, u64)> {
+    let buf = CudaBuffer::alloc_elems(crate::tensor::numel(shape), dtype.size_in_bytes())?;
     let p = buf.ptr();
-    Ok((Tensor::from_storage(Storage::Cuda(buf), shape), p))
+    Ok((Tensor::from_storage_dtype(Storage::Cuda(buf), shape, dtype), p))
+}
+
+/// `x` converted to `dtype` on the GPU (kernels/elementwise.cu; bf16 rounds to nearest even).
+pub(crate) fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
+    let kernel = match (x.dtype(), dtype) {
+        (DType::F32, DType::BF16) => "cast_f32_to_bf16",
+        (DType::BF16, DType::F32) => "cast_bf16_to_f32",
+        _ => return Ok(x.clone()),
+    };
+    let (y, py) = empty_dtype(x.shape(), dtype)?;
+    let n = x.numel();
+    launch("elementwise.cu", kernel, grid_for(n), BLOCK, &[Arg::Ptr(ptr(x)?), Arg::Ptr(py), int(n)])?;
+    Ok(y)
 }
 
 /// Class labels as an i32 device buffer (kept alive by the caller until the kernels using it are
