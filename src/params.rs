@@ -94,10 +94,13 @@ impl ParamStore {
         self.entries.iter().filter(|e| e.kind == Kind::Param && filter(&e.name)).map(|e| e.value.numel()).sum()
     }
 
-    /// Moves every tensor to `device`.
+    /// Moves every tensor to `device`, except the counters: they stay on the CPU, where BatchNorm
+    /// increments them each training step without waiting for the GPU.
     pub fn to_device(&mut self, device: Device) -> Result<()> {
         for e in &mut self.entries {
-            e.value = e.value.to_device(device)?;
+            if e.kind != Kind::Counter {
+                e.value = e.value.to_device(device)?;
+            }
         }
         Ok(())
     }

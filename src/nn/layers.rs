@@ -119,8 +119,7 @@ impl BatchNorm {
         *ctx.params.get_mut(self.running_var) = var;
         updated?;
         let counter = ctx.params.get_mut(self.num_batches_tracked);
-        let n = counter.item()?;
-        *counter = Tensor::from_vec(vec![n + 1.0], &[])?.to_device(counter.device())?;
+        *counter = Tensor::from_vec(vec![counter.item()? + 1.0], &[])?;
         Ok(y)
     }
 }
