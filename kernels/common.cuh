@@ -24,6 +24,17 @@ __device__ __forceinline__ bf16 f32_to_bf16(float f) {
     return (bf16)(u >> 16);
 }
 
+// Storage-type helpers: kernel bodies are templates over the activation storage type T (float or
+// bf16) and load/store through these, so every value is computed on in f32 and a bf16 output is
+// rounded once, when it is stored.
+__device__ __forceinline__ float ld(const float* p, long long i) { return p[i]; }
+__device__ __forceinline__ float ld(const bf16* p, long long i) { return bf16_to_f32(p[i]); }
+__device__ __forceinline__ void st(float* p, long long i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(bf16* p, long long i, float v) { p[i] = f32_to_bf16(v); }
+// ld through the read-only data cache.
+__device__ __forceinline__ float ldg(const float* p, long long i) { return __ldg(p + i); }
+__device__ __forceinline__ float ldg(const bf16* p, long long i) { return bf16_to_f32(__ldg(p + i)); }
+
 // Per-dimension sizes or strides, passed by value (Rust: [i32; 8]).
 struct Dims8 {
     int v[8];

@@ -110,6 +110,18 @@ pub fn find_include_dir() -> Option<PathBuf> {
     cands.into_iter().find(|d| d.join("cuda_fp16.h").is_file())
 }
 
+/// The name of a kernel's variant for an activation dtype: the f32 entry point has the plain name
+/// and the bf16 one the suffix `_bf16` (kernels/*.cu stamp both out of one template body).
+macro_rules! by_dtype {
+    ($dtype:expr, $name:literal) => {
+        match $dtype {
+            $crate::tensor::DType::F32 => $name,
+            $crate::tensor::DType::BF16 => concat!($name, "_bf16"),
+        }
+    };
+}
+pub(crate) use by_dtype;
+
 /// Destroys an NVRTC program when dropped.
 struct Program(sys::nvrtcProgram);
 

@@ -1,7 +1,10 @@
-//! CUDA launchers of kernels/batchnorm.cu (per-channel reductions: one block per channel).
+//! CUDA launchers of kernels/batchnorm.cu (per-channel reductions: one block per channel). The
+//! activations x, y, dy, dx are f32 or bf16 (the kernel variant follows x's dtype); gamma, beta,
+//! the statistics and dgamma/dbeta are f32.
 
 use super::BnBatchStats;
-use crate::cuda::{empty, grid_for, int, launch, ptr, ptr_mut, Arg, BLOCK};
+use crate::cuda::nvrtc::by_dtype;
+use crate::cuda::{empty, empty_dtype, grid_for, int, launch, ptr, ptr_mut, Arg, BLOCK};
 use crate::error::Result;
 use crate::tensor::Tensor;
 
@@ -20,13 +23,13 @@ pub(super) fn batchnorm_forward_train(
     relu: bool,
 ) -> Result<(Tensor, BnBatchStats)> {
     let (n, c, hw) = dims;
-    let (y, py) = empty(x.shape())?;
+    let (y, py) = empty_dtype(x.shape(), x.dtype())?;
     let (mean, pm) = empty(&[c])?;
     let (invstd, pi) = empty(&[c])?;
     let (var_unbiased, pv) = empty(&[c])?;
     launch(
         FILE,
-        if relu { "bn_relu_forward_train" } else { "bn_forward_train" },
+        if relu { by_dtype!(x.dtype(), "bn_relu_forward_train") } else { by_dtype!(x.dtype(), "bn_forward_train") },
         c as u32,
         BLOCK,
         &[
@@ -56,7 +59,7 @@ pub(super) fn batchnorm_backward_train(
     dims: Dims,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (n, c, hw) = dims;
-    let (dx, pdx) = empty(x.shape())?;
+    let (dx, pdx) = empty_dtype(x.shape(), x.dtype())?;
     let (dgamma, pdg) = empty(&[c])?;
     let (dbeta, pdb) = empty(&[c])?;
     let mut args = vec![Arg::Ptr(ptr(dy)?)];
@@ -75,7 +78,8 @@ pub(super) fn batchnorm_backward_train(
         int(c),
         int(hw),
     ]);
-    let kernel = if relu_out.is_some() { "bn_relu_backward_train" } else { "bn_backward_train" };
+    let kernel =
+        if relu_out.is_some() { by_dtype!(x.dtype(), "bn_relu_backward_train") } else { by_dtype!(x.dtype(), "bn_backward_train") };
     launch(FILE, kernel, c as u32, BLOCK, &args)?;
     Ok((dx, dgamma, dbeta))
 }
@@ -90,11 +94,11 @@ pub(super) fn batchnorm_forward_eval(
     dims: Dims,
 ) -> Result<Tensor> {
     let (_, c, hw) = dims;
-    let (y, py) = empty(x.shape())?;
+    let (y, py) = empty_dtype(x.shape(), x.dtype())?;
     let total = x.numel();
     launch(
         FILE,
-        "bn_forward_eval",
+        by_dtype!(x.dtype(), "bn_forward_eval"),
         grid_for(total),
         BLOCK,
         &[
@@ -123,12 +127,12 @@ pub(super) fn batchnorm_backward_eval(
     dims: Dims,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (n, c, hw) = dims;
-    let (dx, pdx) = empty(x.shape())?;
+    let (dx, pdx) = empty_dtype(x.shape(), x.dtype())?;
     let (dgamma, pdg) = empty(&[c])?;
     let (dbeta, pdb) = empty(&[c])?;
     launch(
         FILE,
-        "bn_backward_eval",
+        by_dtype!(x.dtype(), "bn_backward_eval"),
         c as u32,
         BLOCK,
         &[

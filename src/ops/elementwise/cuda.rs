@@ -1,14 +1,16 @@
-//! CUDA launchers of kernels/elementwise.cu.
+//! CUDA launchers of kernels/elementwise.cu. Activations are f32 or bf16 (the kernel variant
+//! follows the input's dtype, and outputs have the same dtype); l2_normalize is f32 only.
 
-use crate::cuda::{empty, grid_for, int, launch, ptr, Arg, BLOCK, MAX_DIMS};
-use crate::error::Result;
-use crate::tensor::Tensor;
+use crate::cuda::nvrtc::by_dtype;
+use crate::cuda::{empty, empty_dtype, grid_for, int, launch, ptr, Arg, BLOCK, MAX_DIMS};
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Tensor};
 
 const FILE: &str = "elementwise.cu";
 
 /// y = f(x) for a unary kernel taking (x, y, n).
 fn unary(kernel: &'static str, x: &Tensor) -> Result<Tensor> {
-    let (y, py) = empty(x.shape())?;
+    let (y, py) = empty_dtype(x.shape(), x.dtype())?;
     let n = x.numel();
     launch(FILE, kernel, grid_for(n), BLOCK, &[Arg::Ptr(ptr(x)?), Arg::Ptr(py), int(n)])?;
     Ok(y)
@@ -16,26 +18,26 @@ fn unary(kernel: &'static str, x: &Tensor) -> Result<Tensor> {
 
 /// dx = f(dy, y) for a backward kernel taking (dy, y, dx, n).
 fn unary_backward(kernel: &'static str, dy: &Tensor, y: &Tensor) -> Result<Tensor> {
-    let (dx, pdx) = empty(y.shape())?;
+    let (dx, pdx) = empty_dtype(y.shape(), y.dtype())?;
     let n = y.numel();
     launch(FILE, kernel, grid_for(n), BLOCK, &[Arg::Ptr(ptr(dy)?), Arg::Ptr(ptr(y)?), Arg::Ptr(pdx), int(n)])?;
     Ok(dx)
 }
 
 pub(super) fn relu_forward(x: &Tensor) -> Result<Tensor> {
-    unary("relu_forward", x)
+    unary(by_dtype!(x.dtype(), "relu_forward"), x)
 }
 
 pub(super) fn relu_backward(dy: &Tensor, y: &Tensor) -> Result<Tensor> {
-    unary_backward("relu_backward", dy, y)
+    unary_backward(by_dtype!(y.dtype(), "relu_backward"), dy, y)
 }
 
 pub(super) fn sigmoid_forward(x: &Tensor) -> Result<Tensor> {
-    unary("sigmoid_forward", x)
+    unary(by_dtype!(x.dtype(), "sigmoid_forward"), x)
 }
 
 pub(super) fn sigmoid_backward(dy: &Tensor, y: &Tensor) -> Result<Tensor> {
-    unary_backward("sigmoid_backward", dy, y)
+    unary_backward(by_dtype!(y.dtype(), "sigmoid_backward"), dy, y)
 }
 
 fn dims_arg(op: &'static str, v: &[usize]) -> Result<Arg> {
@@ -77,15 +79,21 @@ fn merge_dims(dims: &[usize], strides: &[usize]) -> (Vec<usize>, Vec<usize>) {
     (d_out, s_out)
 }
 
-/// out = a op b (op 0 add, 1 mul, 2 b broadcast to `shape`), b broadcast right-aligned.
-fn broadcast_binary(op: i32, a: Option<&Tensor>, b: &Tensor, shape: &[usize]) -> Result<Tensor> {
+/// out = a op b (op 0 add, 1 mul, 2 b broadcast to `shape`), b broadcast right-aligned, a and b of
+/// b's dtype. The output has b's dtype, except that bf16 inputs may give an f32 output (exact for
+/// a product: the bf16 gradient reductions below round only their sum).
+fn broadcast_binary(op: i32, a: Option<&Tensor>, b: &Tensor, shape: &[usize], out_dtype: DType) -> Result<Tensor> {
     const OP: &str = "broadcast";
+    let kernel = match (b.dtype(), out_dtype) {
+        (DType::BF16, DType::F32) => "broadcast_binary_bf16_f32",
+        (dtype, _) => by_dtype!(dtype, "broadcast_binary"),
+    };
     let lead = shape.len() - b.rank();
     let b_strides = contiguous_strides(b.shape());
     let strides: Vec<usize> =
         (0..shape.len()).map(|d| if d < lead || b.shape()[d - lead] == 1 { 0 } else { b_strides[d - lead] }).collect();
     let (dims, bstrides) = merge_dims(shape, &strides);
-    let (out, pout) = empty(shape)?;
+    let (out, pout) = empty_dtype(shape, out_dtype)?;
     let n = out.numel();
     let pa = match a {
         Some(a) => ptr(a)?,
@@ -93,7 +101,7 @@ fn broadcast_binary(op: i32, a: Option<&Tensor>, b: &Tensor, shape: &[usize]) ->
     };
     launch(
         FILE,
-        "broadcast_binary",
+        kernel,
         grid_for(n),
         BLOCK,
         &[
@@ -111,24 +119,37 @@ fn broadcast_binary(op: i32, a: Option<&Tensor>, b: &Tensor, shape: &[usize]) ->
 }
 
 pub(super) fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    broadcast_binary(0, Some(a), b, a.shape())
+    broadcast_binary(0, Some(a), b, a.shape(), a.dtype())
 }
 
 pub(super) fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    broadcast_binary(1, Some(a), b, a.shape())
+    broadcast_binary(1, Some(a), b, a.shape(), a.dtype())
 }
 
 pub(super) fn mul_backward(dy: &Tensor, a: &Tensor, b: &Tensor) -> Result<(Tensor, Tensor)> {
     let da = mul(dy, b)?;
-    let db = sum_to_shape(&mul(dy, a)?, b.shape())?;
+    let db = match a.dtype() {
+        DType::BF16 if b.shape() != a.shape() => {
+            // dy * a kept in f32 (exact) so that the reduced db is rounded to bf16 once.
+            let prod = broadcast_binary(1, Some(dy), a, a.shape(), DType::F32)?;
+            reduce_sum(&prod, b.shape(), DType::BF16)?
+        }
+        _ => sum_to_shape(&mul(dy, a)?, b.shape())?,
+    };
     Ok((da, db))
 }
 
 pub(super) fn sum_to_shape(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
-    const OP: &str = "sum_to_shape";
     if x.shape() == shape {
         return Ok(x.clone());
     }
+    reduce_sum(x, shape, x.dtype())
+}
+
+/// x summed over its broadcast dims to `shape`, accumulated in double and rounded once to
+/// `out_dtype`: x's dtype, or bf16 for an f32 x (a product kept exact by mul_backward).
+fn reduce_sum(x: &Tensor, shape: &[usize], out_dtype: DType) -> Result<Tensor> {
+    const OP: &str = "sum_to_shape";
     let lead = x.rank() - shape.len();
     let xs = contiguous_strides(x.shape());
     let (mut kd, mut ks, mut rd, mut rs) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -145,7 +166,7 @@ pub(super) fn sum_to_shape(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
     let (rd, rs) = merge_dims(&rd, &rs);
     let n_out: usize = kd.iter().product();
     let n_red: usize = rd.iter().product();
-    let (out, pout) = empty(shape)?;
+    let (out, pout) = empty_dtype(shape, out_dtype)?;
     let args = [
         Arg::Ptr(ptr(x)?),
         Arg::Ptr(pout),
@@ -158,22 +179,32 @@ pub(super) fn sum_to_shape(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
         dims_arg(OP, &rd)?,
         dims_arg(OP, &rs)?,
     ];
-    if n_red > 128 {
-        launch(FILE, "reduce_sum_block", n_out.min(1 << 16) as u32, BLOCK, &args)?;
+    let block = n_red > 128;
+    let kernel = match (x.dtype(), out_dtype, block) {
+        (DType::F32, DType::F32, true) => "reduce_sum_block",
+        (DType::F32, DType::F32, false) => "reduce_sum_thread",
+        (DType::BF16, DType::BF16, true) => "reduce_sum_block_bf16",
+        (DType::BF16, DType::BF16, false) => "reduce_sum_thread_bf16",
+        (DType::F32, DType::BF16, true) => "reduce_sum_block_f32_bf16",
+        (DType::F32, DType::BF16, false) => "reduce_sum_thread_f32_bf16",
+        (DType::BF16, DType::F32, _) => return Err(Error::Cuda("sum_to_shape: no bf16 -> f32 reduction kernel".into())),
+    };
+    if block {
+        launch(FILE, kernel, n_out.min(1 << 16) as u32, BLOCK, &args)?;
     } else {
-        launch(FILE, "reduce_sum_thread", grid_for(n_out), BLOCK, &args)?;
+        launch(FILE, kernel, grid_for(n_out), BLOCK, &args)?;
     }
     Ok(out)
 }
 
 pub(super) fn broadcast_to(x: &Tensor, shape: &[usize]) -> Result<Tensor> {
-    broadcast_binary(2, None, x, shape)
+    broadcast_binary(2, None, x, shape, x.dtype())
 }
 
 pub(super) fn scale(x: &Tensor, alpha: f32) -> Result<Tensor> {
-    let (y, py) = empty(x.shape())?;
+    let (y, py) = empty_dtype(x.shape(), x.dtype())?;
     let n = x.numel();
-    launch(FILE, "scale", grid_for(n), BLOCK, &[Arg::Ptr(ptr(x)?), Arg::Ptr(py), Arg::F32(alpha), int(n)])?;
+    launch(FILE, by_dtype!(x.dtype(), "scale"), grid_for(n), BLOCK, &[Arg::Ptr(ptr(x)?), Arg::Ptr(py), Arg::F32(alpha), int(n)])?;
     Ok(y)
 }
 
@@ -195,12 +226,23 @@ pub(super) fn l2_normalize_backward(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
     Ok(dx)
 }
 
-/// dst[r, dst_off + c] = src[r, src_off + c] for r < rows, c < cols, with the given row pitches.
+/// dst[r, dst_off + c] = src[r, src_off + c] for r < rows, c < cols, with the given row pitches;
+/// both buffers hold `dtype` values.
 #[allow(clippy::too_many_arguments)]
-fn copy2d(src: u64, dst: u64, rows: usize, cols: usize, src_pitch: usize, src_off: usize, dst_pitch: usize, dst_off: usize) -> Result<()> {
+fn copy2d(
+    dtype: DType,
+    src: u64,
+    dst: u64,
+    rows: usize,
+    cols: usize,
+    src_pitch: usize,
+    src_off: usize,
+    dst_pitch: usize,
+    dst_off: usize,
+) -> Result<()> {
     launch(
         FILE,
-        "copy2d",
+        by_dtype!(dtype, "copy2d"),
         grid_for(rows * cols),
         BLOCK,
         &[Arg::Ptr(src), Arg::Ptr(dst), int(rows), int(cols), int(src_pitch), int(src_off), int(dst_pitch), int(dst_off)],
@@ -217,11 +259,11 @@ pub(super) fn concat(xs: &[&Tensor], axis: usize) -> Result<Tensor> {
     let mut shape = xs[0].shape().to_vec();
     shape[axis] = total;
     let (outer, inner) = outer_inner(&shape, axis);
-    let (y, py) = empty(&shape)?;
+    let (y, py) = empty_dtype(&shape, xs[0].dtype())?;
     let mut off = 0;
     for x in xs {
         let cols = x.shape()[axis] * inner;
-        copy2d(ptr(x)?, py, outer, cols, cols, 0, total * inner, off * inner)?;
+        copy2d(x.dtype(), ptr(x)?, py, outer, cols, cols, 0, total * inner, off * inner)?;
         off += x.shape()[axis];
     }
     Ok(y)
@@ -231,8 +273,8 @@ pub(super) fn narrow(x: &Tensor, axis: usize, start: usize, len: usize) -> Resul
     let mut shape = x.shape().to_vec();
     shape[axis] = len;
     let (outer, inner) = outer_inner(&shape, axis);
-    let (y, py) = empty(&shape)?;
-    copy2d(ptr(x)?, py, outer, len * inner, x.shape()[axis] * inner, start * inner, len * inner, 0)?;
+    let (y, py) = empty_dtype(&shape, x.dtype())?;
+    copy2d(x.dtype(), ptr(x)?, py, outer, len * inner, x.shape()[axis] * inner, start * inner, len * inner, 0)?;
     Ok(y)
 }
 

@@ -1,7 +1,9 @@
-//! CUDA launchers of kernels/pool.cu.
+//! CUDA launchers of kernels/pool.cu. Inputs, outputs and gradients are all f32 or all bf16; the
+//! kernel variant follows the input's dtype.
 
 use super::Pool2dCfg;
-use crate::cuda::{empty, grid_for, int, launch, ptr, warp_grid, Arg, BLOCK};
+use crate::cuda::nvrtc::by_dtype;
+use crate::cuda::{empty_dtype, grid_for, int, launch, ptr, warp_grid, Arg, BLOCK};
 use crate::error::Result;
 use crate::tensor::Tensor;
 
@@ -22,31 +24,31 @@ fn window_args(x_shape: &[usize], y_shape: &[usize], cfg: Pool2dCfg) -> [Arg; 8]
 }
 
 pub(super) fn max_pool2d_forward(x: &Tensor, cfg: Pool2dCfg, y_shape: &[usize; 4]) -> Result<Tensor> {
-    let (y, py) = empty(y_shape)?;
+    let (y, py) = empty_dtype(y_shape, x.dtype())?;
     let args: Vec<Arg> = [Arg::Ptr(ptr(x)?), Arg::Ptr(py)].into_iter().chain(window_args(x.shape(), y_shape, cfg)).collect();
-    launch(FILE, "max_pool2d_forward", grid_for(y.numel()), BLOCK, &args)?;
+    launch(FILE, by_dtype!(x.dtype(), "max_pool2d_forward"), grid_for(y.numel()), BLOCK, &args)?;
     Ok(y)
 }
 
 pub(super) fn max_pool2d_backward(dy: &Tensor, x: &Tensor, cfg: Pool2dCfg) -> Result<Tensor> {
-    let (dx, pdx) = empty(x.shape())?;
+    let (dx, pdx) = empty_dtype(x.shape(), dy.dtype())?;
     let args: Vec<Arg> =
         [Arg::Ptr(ptr(dy)?), Arg::Ptr(ptr(x)?), Arg::Ptr(pdx)].into_iter().chain(window_args(x.shape(), dy.shape(), cfg)).collect();
-    launch(FILE, "max_pool2d_backward", grid_for(dx.numel()), BLOCK, &args)?;
+    launch(FILE, by_dtype!(dy.dtype(), "max_pool2d_backward"), grid_for(dx.numel()), BLOCK, &args)?;
     Ok(dx)
 }
 
 pub(super) fn avg_pool2d_forward(x: &Tensor, cfg: Pool2dCfg, y_shape: &[usize; 4]) -> Result<Tensor> {
-    let (y, py) = empty(y_shape)?;
+    let (y, py) = empty_dtype(y_shape, x.dtype())?;
     let args: Vec<Arg> = [Arg::Ptr(ptr(x)?), Arg::Ptr(py)].into_iter().chain(window_args(x.shape(), y_shape, cfg)).collect();
-    launch(FILE, "avg_pool2d_forward", grid_for(y.numel()), BLOCK, &args)?;
+    launch(FILE, by_dtype!(x.dtype(), "avg_pool2d_forward"), grid_for(y.numel()), BLOCK, &args)?;
     Ok(y)
 }
 
 pub(super) fn avg_pool2d_backward(dy: &Tensor, x_shape: &[usize], cfg: Pool2dCfg) -> Result<Tensor> {
-    let (dx, pdx) = empty(x_shape)?;
+    let (dx, pdx) = empty_dtype(x_shape, dy.dtype())?;
     let args: Vec<Arg> = [Arg::Ptr(ptr(dy)?), Arg::Ptr(pdx)].into_iter().chain(window_args(x_shape, dy.shape(), cfg)).collect();
-    launch(FILE, "avg_pool2d_backward", grid_for(dx.numel()), BLOCK, &args)?;
+    launch(FILE, by_dtype!(dy.dtype(), "avg_pool2d_backward"), grid_for(dx.numel()), BLOCK, &args)?;
     Ok(dx)
 }
 
@@ -57,32 +59,50 @@ fn planes(s: &[usize]) -> (usize, usize) {
 
 pub(super) fn global_avg_pool_forward(x: &Tensor) -> Result<Tensor> {
     let (np, hw) = planes(x.shape());
-    let (y, py) = empty(&[x.shape()[0], x.shape()[1], 1, 1])?;
-    launch(FILE, "global_avg_pool_forward", warp_grid(np), BLOCK, &[Arg::Ptr(ptr(x)?), Arg::Ptr(py), int(np), int(hw)])?;
+    let (y, py) = empty_dtype(&[x.shape()[0], x.shape()[1], 1, 1], x.dtype())?;
+    launch(
+        FILE,
+        by_dtype!(x.dtype(), "global_avg_pool_forward"),
+        warp_grid(np),
+        BLOCK,
+        &[Arg::Ptr(ptr(x)?), Arg::Ptr(py), int(np), int(hw)],
+    )?;
     Ok(y)
 }
 
 pub(super) fn global_avg_pool_backward(dy: &Tensor, x_shape: &[usize]) -> Result<Tensor> {
     let (_, hw) = planes(x_shape);
-    let (dx, pdx) = empty(x_shape)?;
+    let (dx, pdx) = empty_dtype(x_shape, dy.dtype())?;
     let n = dx.numel();
-    launch(FILE, "global_avg_pool_backward", grid_for(n), BLOCK, &[Arg::Ptr(ptr(dy)?), Arg::Ptr(pdx), int(n), int(hw)])?;
+    launch(
+        FILE,
+        by_dtype!(dy.dtype(), "global_avg_pool_backward"),
+        grid_for(n),
+        BLOCK,
+        &[Arg::Ptr(ptr(dy)?), Arg::Ptr(pdx), int(n), int(hw)],
+    )?;
     Ok(dx)
 }
 
 pub(super) fn global_max_pool_forward(x: &Tensor) -> Result<Tensor> {
     let (np, hw) = planes(x.shape());
-    let (y, py) = empty(&[x.shape()[0], x.shape()[1], 1, 1])?;
-    launch(FILE, "global_max_pool_forward", warp_grid(np), BLOCK, &[Arg::Ptr(ptr(x)?), Arg::Ptr(py), int(np), int(hw)])?;
+    let (y, py) = empty_dtype(&[x.shape()[0], x.shape()[1], 1, 1], x.dtype())?;
+    launch(
+        FILE,
+        by_dtype!(x.dtype(), "global_max_pool_forward"),
+        warp_grid(np),
+        BLOCK,
+        &[Arg::Ptr(ptr(x)?), Arg::Ptr(py), int(np), int(hw)],
+    )?;
     Ok(y)
 }
 
 pub(super) fn global_max_pool_backward(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
     let (np, hw) = planes(x.shape());
-    let (dx, pdx) = empty(x.shape())?;
+    let (dx, pdx) = empty_dtype(x.shape(), dy.dtype())?;
     launch(
         FILE,
-        "global_max_pool_backward",
+        by_dtype!(dy.dtype(), "global_max_pool_backward"),
         warp_grid(np),
         BLOCK,
         &[Arg::Ptr(ptr(dy)?), Arg::Ptr(ptr(x)?), Arg::Ptr(pdx), int(np), int(hw)],
@@ -97,15 +117,15 @@ fn stripe_args(s: &[usize], parts: usize) -> [Arg; 5] {
 
 pub(super) fn stripe_avg_pool_forward(x: &Tensor, parts: usize) -> Result<Tensor> {
     let s = x.shape();
-    let (y, py) = empty(&[s[0], parts * s[1]])?;
+    let (y, py) = empty_dtype(&[s[0], parts * s[1]], x.dtype())?;
     let args: Vec<Arg> = [Arg::Ptr(ptr(x)?), Arg::Ptr(py)].into_iter().chain(stripe_args(s, parts)).collect();
-    launch(FILE, "stripe_avg_pool_forward", warp_grid(y.numel()), BLOCK, &args)?;
+    launch(FILE, by_dtype!(x.dtype(), "stripe_avg_pool_forward"), warp_grid(y.numel()), BLOCK, &args)?;
     Ok(y)
 }
 
 pub(super) fn stripe_avg_pool_backward(dy: &Tensor, x_shape: &[usize], parts: usize) -> Result<Tensor> {
-    let (dx, pdx) = empty(x_shape)?;
+    let (dx, pdx) = empty_dtype(x_shape, dy.dtype())?;
     let args: Vec<Arg> = [Arg::Ptr(ptr(dy)?), Arg::Ptr(pdx)].into_iter().chain(stripe_args(x_shape, parts)).collect();
-    launch(FILE, "stripe_avg_pool_backward", grid_for(dx.numel()), BLOCK, &args)?;
+    launch(FILE, by_dtype!(dy.dtype(), "stripe_avg_pool_backward"), grid_for(dx.numel()), BLOCK, &args)?;
     Ok(dx)
 }
