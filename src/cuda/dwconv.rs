@@ -6,7 +6,8 @@
 
 use std::sync::atomic::{AtomicU8, Ordering};
 
-use super::{empty, grid_for, int, launch, ptr, Arg, BLOCK};
+use super::nvrtc::by_dtype;
+use super::{empty, empty_dtype, grid_for, int, launch, ptr, Arg, BLOCK};
 use crate::error::{Error, Result};
 use crate::ops::conv::Conv2dCfg;
 use crate::tensor::{Device, Tensor};
@@ -77,18 +78,20 @@ fn check(op: &'static str, x_shape: &[usize], w_shape: &[usize]) -> Result<(usiz
 }
 
 /// y = depthwise 3x3 convolution of x (NCHW, on the GPU) with w [C, 1, 3, 3], stride 1, padding 1.
+/// x and w are both f32 or both bf16; y has their dtype (as have the gradients below).
 pub fn forward(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    correlate("dwconv3x3_forward", x, w)
+    correlate(by_dtype!(x.dtype(), "dwconv3x3_forward"), x, w)
 }
 
 /// dx from dy (shaped like x) and w.
 pub fn backward_data(dy: &Tensor, w: &Tensor) -> Result<Tensor> {
-    correlate("dwconv3x3_backward_data", dy, w)
+    correlate(by_dtype!(dy.dtype(), "dwconv3x3_backward_data"), dy, w)
 }
 
 fn correlate(kernel: &'static str, input: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (n, c, h, wd) = check(kernel, input.shape(), w.shape())?;
-    let (out, po) = empty(input.shape())?;
+    input.check_same_dtype(kernel, &[w])?;
+    let (out, po) = empty_dtype(input.shape(), input.dtype())?;
     let strips = n * c * h.div_ceil(ROWS) * wd;
     launch(
         FILE,
@@ -120,21 +123,29 @@ pub fn backward_filter(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
     let c = x.shape().get(1).copied().unwrap_or(0);
     let (n, c, h, wd) = check(OP, x.shape(), &[c, 1, 3, 3])?;
     crate::ensure_shape!(dy.shape() == x.shape(), OP, "dy {:?} must have the input's shape {:?}", dy.shape(), x.shape());
+    x.check_same_dtype(OP, &[dy])?;
     if n * c * h * wd == 0 {
-        return Tensor::zeros(&[c, 1, 3, 3], Device::Cuda);
+        return Tensor::zeros(&[c, 1, 3, 3], Device::Cuda)?.to_dtype(x.dtype());
     }
     let s = filter_slices(n, c);
-    let (dw, pdw) = empty(&[c, 1, 3, 3])?;
-    // Freed when this returns, after both kernels are queued: the allocator is stream-ordered.
+    let (dw, pdw) = empty_dtype(&[c, 1, 3, 3], x.dtype())?;
+    // f32 partial sums for either dtype. Freed when this returns, after both kernels are queued:
+    // the allocator is stream-ordered.
     let (_partial, pp) = empty(&[c * s, 9])?;
     launch(
         FILE,
-        "dwconv3x3_backward_filter_partial",
+        by_dtype!(x.dtype(), "dwconv3x3_backward_filter_partial"),
         (c * s) as u32,
         BLOCK,
         &[Arg::Ptr(ptr(dy)?), Arg::Ptr(ptr(x)?), Arg::Ptr(pp), int(n), int(c), int(h), int(wd), int(s)],
     )?;
-    launch(FILE, "dwconv3x3_backward_filter_reduce", grid_for(c * 9), BLOCK, &[Arg::Ptr(pp), Arg::Ptr(pdw), int(c), int(s)])?;
+    launch(
+        FILE,
+        by_dtype!(x.dtype(), "dwconv3x3_backward_filter_reduce"),
+        grid_for(c * 9),
+        BLOCK,
+        &[Arg::Ptr(pp), Arg::Ptr(pdw), int(c), int(s)],
+    )?;
     Ok(dw)
 }
 
