@@ -6,6 +6,11 @@
 //! the tensor's RMS as the floor (fp32 sums in a different order differ by ~1e-7 relative, and
 //! elements near zero after cancellation differ by ~1e-6 of the RMS on the H100; a wrong index
 //! or formula is off by O(RMS)).
+//!
+//! bf16 outputs (the `bf16_*` tests: the same ops on bf16 activations, which both devices compute
+//! in f32 and round once) may differ by one bf16 rounding where the f32 results before it differ
+//! in summation order: per element below one bf16 ulp (2^-7 relative) with the RMS floor, and
+//! norm-wise below 1e-3 (such flips are rare). Their f32 outputs keep the f32 tolerance.
 
 use plr_engine::ops::attention as att;
 use plr_engine::ops::batchnorm as bn;
@@ -15,6 +20,7 @@ use plr_engine::ops::linear;
 use plr_engine::ops::loss;
 use plr_engine::ops::pool::{self, Pool2dCfg};
 use plr_engine::rng::Rng;
+use plr_engine::tensor::DType::{self, BF16, F32};
 use plr_engine::testing::{cuda_or_skip as gpu, max_rel_err, norm_rel_err};
 use plr_engine::{Device, Result, Tape, Tensor};
 
@@ -22,19 +28,40 @@ fn randn(shape: &[usize], rng: &mut Rng) -> Tensor {
     Tensor::randn(shape, 1.0, rng)
 }
 
+/// Standard normal values rounded to bf16 (the CPU holds them as exact f32 values).
+fn randn_bf16(shape: &[usize], rng: &mut Rng) -> Tensor {
+    randn(shape, rng).to_dtype(BF16).unwrap()
+}
+
+/// (norm-wise, per-element) relative error bounds for outputs of a dtype (see the module doc).
+fn tolerance(dtype: DType) -> (f64, f32) {
+    match dtype {
+        F32 => (1e-5, 1e-4),
+        BF16 => (1e-3, 1.0 / 128.0),
+    }
+}
+
 fn assert_close(what: &str, cpu: &Tensor, gpu: &Tensor) {
     assert_eq!(gpu.device(), Device::Cuda, "{what}: result left the GPU");
     assert_eq!(cpu.shape(), gpu.shape(), "{what}: shapes differ");
+    assert_eq!(cpu.dtype(), gpu.dtype(), "{what}: dtypes differ");
     let (a, b) = (cpu.to_vec().unwrap(), gpu.to_vec().unwrap());
     assert!(a.iter().chain(&b).all(|v| v.is_finite()), "{what}: non-finite values");
     let rms = (a.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / a.len().max(1) as f64).sqrt() as f32;
     let norm = norm_rel_err(&a, &b);
     let elem = max_rel_err(&a, &b, rms.max(1e-30));
-    assert!(norm < 1e-5 && elem < 1e-4, "{what} {:?}: norm-wise rel err {norm:.2e}, max element rel err {elem:.2e}", cpu.shape());
+    let (norm_tol, elem_tol) = tolerance(gpu.dtype());
+    assert!(
+        norm < norm_tol && elem < elem_tol,
+        "{what} {:?} {:?}: norm-wise rel err {norm:.2e}, max element rel err {elem:.2e}",
+        cpu.shape(),
+        gpu.dtype()
+    );
 }
 
-/// Runs `f` on the CPU inputs and on copies on the GPU and compares every output.
-fn check(what: &str, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Vec<Tensor>>) {
+/// Runs `f` on the CPU inputs and on copies on the GPU, compares every output and returns the
+/// GPU's.
+fn check(what: &str, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Vec<Tensor>>) -> Vec<Tensor> {
     let on_cpu = f(inputs).unwrap_or_else(|e| panic!("{what} on the CPU: {e}"));
     let dev: Vec<Tensor> = inputs.iter().map(|t| t.to_device(Device::Cuda).unwrap()).collect();
     let on_gpu = f(&dev).unwrap_or_else(|e| panic!("{what} on the GPU: {e}"));
@@ -42,6 +69,17 @@ fn check(what: &str, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Vec<Tens
     for (i, (c, g)) in on_cpu.iter().zip(&on_gpu).enumerate() {
         assert_close(&format!("{what} output {i}"), c, g);
     }
+    on_gpu
+}
+
+/// `check` for ops on bf16 activations, which also asserts the dtype of each output (the
+/// contract: activations and their gradients bf16; statistics, BN parameter gradients and conv
+/// bias gradients f32).
+fn check_bf16(what: &str, inputs: &[Tensor], dtypes: &[DType], f: impl Fn(&[Tensor]) -> Result<Vec<Tensor>>) -> Vec<Tensor> {
+    let out = check(what, inputs, f);
+    let got: Vec<DType> = out.iter().map(Tensor::dtype).collect();
+    assert_eq!(got, dtypes, "{what}: output dtypes");
+    out
 }
 
 #[test]
@@ -661,4 +699,206 @@ fn bf16_cast_and_transfer() {
     assert_eq!((back.dtype(), back.to_vec().unwrap()), (DType::F32, want.to_vec().unwrap()));
     let nan = Tensor::from_vec(vec![f32::NAN], &[1]).unwrap().to_device(Device::Cuda).unwrap().to_dtype(DType::BF16).unwrap();
     assert!(nan.to_vec().unwrap()[0].is_nan());
+}
+
+#[test]
+fn bf16_conv2d() {
+    if !gpu("bf16_conv2d") {
+        return;
+    }
+    use plr_engine::cuda::dwconv::{set_depthwise_impl, DepthwiseImpl};
+    let mut rng = Rng::new(41);
+    // cuDNN: PLR-OSNet's 1x1 256->384 at 32x16, conv1 7x7/2, a channel gate's 1x1 with bias on
+    // [N, C, 1, 1] and a strided grouped conv with bias. Then its depthwise 3x3 (128 channels at
+    // 32x16) through both implementations.
+    let cases = [
+        ([4, 256, 32, 16], [384, 256, 1, 1], Conv2dCfg::new(1, 0, 1), false),
+        ([2, 3, 256, 128], [64, 3, 7, 7], Conv2dCfg::new(2, 3, 1), false),
+        ([64, 256, 1, 1], [16, 256, 1, 1], Conv2dCfg::new(1, 0, 1), true),
+        ([3, 8, 11, 9], [12, 2, 3, 3], Conv2dCfg::new(2, 1, 4), true),
+        ([16, 128, 32, 16], [128, 1, 3, 3], Conv2dCfg::new(1, 1, 128), false),
+    ];
+    for (xs, ws, cfg, with_bias) in cases {
+        let y_shape = conv::conv2d_output_shape(&xs, &ws, cfg).unwrap();
+        let mut inputs = vec![randn_bf16(&xs, &mut rng), randn_bf16(&ws, &mut rng), randn_bf16(&y_shape, &mut rng)];
+        let mut dtypes = vec![BF16, BF16, BF16];
+        if with_bias {
+            inputs.push(randn(&[ws[0]], &mut rng));
+            dtypes.push(F32);
+        }
+        let impls: &[DepthwiseImpl] =
+            if cfg.groups == xs[1] && ws[2] == 3 { &[DepthwiseImpl::Cudnn, DepthwiseImpl::Engine] } else { &[DepthwiseImpl::Engine] };
+        for &choice in impls {
+            set_depthwise_impl(choice);
+            check_bf16(&format!("bf16 conv2d x {xs:?} w {ws:?} {cfg:?} depthwise {choice:?}"), &inputs, &dtypes, |t| {
+                let (x, w, dy, b) = (&t[0], &t[1], &t[2], t.get(3));
+                let mut out = vec![
+                    conv::conv2d_forward(x, w, b, cfg)?,
+                    conv::conv2d_backward_data(dy, w, x.shape(), cfg)?,
+                    conv::conv2d_backward_filter(dy, x, w.shape(), cfg)?,
+                ];
+                if b.is_some() {
+                    out.push(conv::conv2d_backward_bias(dy)?);
+                }
+                Ok(out)
+            });
+        }
+    }
+}
+
+#[test]
+fn bf16_depthwise_3x3_engine_kernels() {
+    if !gpu("bf16_depthwise_3x3_engine_kernels") {
+        return;
+    }
+    use plr_engine::cuda::dwconv;
+    let mut rng = Rng::new(42);
+    for xs in DEPTHWISE_SHAPES {
+        let c = xs[1];
+        let cfg = Conv2dCfg::new(1, 1, c);
+        let inputs = [randn_bf16(&xs, &mut rng), randn_bf16(&[c, 1, 3, 3], &mut rng), randn_bf16(&xs, &mut rng)];
+        let what = format!("bf16 engine depthwise x {xs:?}");
+        let on_cpu = [
+            conv::conv2d_forward(&inputs[0], &inputs[1], None, cfg).unwrap(),
+            conv::conv2d_backward_data(&inputs[2], &inputs[1], &xs, cfg).unwrap(),
+            conv::conv2d_backward_filter(&inputs[2], &inputs[0], &[c, 1, 3, 3], cfg).unwrap(),
+        ];
+        let d: Vec<Tensor> = inputs.iter().map(|t| t.to_device(Device::Cuda).unwrap()).collect();
+        let on_gpu = [
+            dwconv::forward(&d[0], &d[1]).unwrap(),
+            dwconv::backward_data(&d[2], &d[1]).unwrap(),
+            dwconv::backward_filter(&d[2], &d[0]).unwrap(),
+        ];
+        for ((out, c), g) in ["forward", "backward data", "backward filter"].iter().zip(&on_cpu).zip(&on_gpu) {
+            assert_eq!(g.dtype(), BF16, "{what} {out}");
+            assert_close(&format!("{what} {out}"), c, g);
+        }
+        let again = dwconv::backward_filter(&d[2], &d[0]).unwrap();
+        assert_eq!(again.to_vec().unwrap(), on_gpu[2].to_vec().unwrap(), "{what}: filter gradient not deterministic");
+    }
+    // Mixed dtypes are refused, naming the kernel.
+    let x = Tensor::zeros(&[2, 4, 5, 5], Device::Cuda).unwrap();
+    let w = Tensor::zeros(&[4, 1, 3, 3], Device::Cuda).unwrap().to_dtype(BF16).unwrap();
+    let e = dwconv::forward(&x, &w).unwrap_err().to_string();
+    assert!(e.contains("dwconv3x3_forward"), "{e}");
+}
+
+#[test]
+fn bf16_batchnorm() {
+    if !gpu("bf16_batchnorm") {
+        return;
+    }
+    let mut rng = Rng::new(43);
+    // The LightConv BN at 64x32, a 1x1 ConvBn at 16x8, the BatchNorm1d of the 2048-d feature and
+    // an odd shape.
+    for shape in [vec![16, 64, 64, 32], vec![64, 512, 16, 8], vec![64, 2048], vec![3, 5, 7, 1]] {
+        let c = shape[1];
+        // Shifted, scaled inputs so the mean and variance matter.
+        let x = ew::scale(&ew::add(&randn(&shape, &mut rng), &Tensor::full(&[1], 0.5, Device::Cpu).unwrap()).unwrap(), 3.0).unwrap();
+        let inputs = [
+            x.to_dtype(BF16).unwrap(),
+            randn(&[c], &mut rng),
+            randn(&[c], &mut rng),
+            randn_bf16(&shape, &mut rng),
+            randn(&[c], &mut rng),
+            Tensor::rand_uniform(&[c], 0.5, 2.0, &mut rng),
+        ];
+        let [a, f] = [BF16, F32];
+        check_bf16(&format!("bf16 batchnorm train {shape:?}"), &inputs, &[a, f, f, f, a, f, f, f, f], |t| {
+            let (y, stats) = bn::batchnorm_forward_train(&t[0], &t[1], &t[2], bn::BN_EPS)?;
+            let (dx, dgamma, dbeta) = bn::batchnorm_backward_train(&t[3], &t[0], &t[1], &stats)?;
+            let (mut rm, mut rv) = (t[4].clone(), t[5].clone());
+            bn::batchnorm_update_running(&mut rm, &mut rv, &stats, bn::BN_MOMENTUM)?;
+            Ok(vec![y, stats.mean, stats.invstd, stats.var_unbiased, dx, dgamma, dbeta, rm, rv])
+        });
+        check_bf16(&format!("bf16 batchnorm+relu train {shape:?}"), &inputs, &[a, a, f, f], |t| {
+            let (y, stats) = bn::batchnorm_relu_forward_train(&t[0], &t[1], &t[2], bn::BN_EPS)?;
+            let (dx, dgamma, dbeta) = bn::batchnorm_relu_backward_train(&t[3], &y, &t[0], &t[1], &stats)?;
+            Ok(vec![y, dx, dgamma, dbeta])
+        });
+        check_bf16(&format!("bf16 batchnorm eval {shape:?}"), &inputs, &[a, a, f, f], |t| {
+            let y = bn::batchnorm_forward_eval(&t[0], &t[1], &t[2], &t[4], &t[5], bn::BN_EPS)?;
+            let (dx, dgamma, dbeta) = bn::batchnorm_backward_eval(&t[3], &t[0], &t[1], &t[4], &t[5], bn::BN_EPS)?;
+            Ok(vec![y, dx, dgamma, dbeta])
+        });
+    }
+}
+
+#[test]
+fn bf16_elementwise() {
+    if !gpu("bf16_elementwise") {
+        return;
+    }
+    let mut rng = Rng::new(44);
+    for shape in [vec![4, 64, 64, 32], vec![3, 5, 1, 2]] {
+        let inputs = [ew::scale(&randn(&shape, &mut rng), 4.0).unwrap().to_dtype(BF16).unwrap(), randn_bf16(&shape, &mut rng)];
+        check_bf16(&format!("bf16 relu/sigmoid/scale {shape:?}"), &inputs, &[BF16; 5], |t| {
+            let r = ew::relu_forward(&t[0])?;
+            let s = ew::sigmoid_forward(&t[0])?;
+            Ok(vec![ew::relu_backward(&t[1], &r)?, ew::sigmoid_backward(&t[1], &s)?, ew::scale(&t[0], -0.37)?, r, s])
+        });
+    }
+    // The channel gate [N, C, 1, 1] (mul_backward reduces dy * a over H*W), the residual add, a
+    // channel vector broadcast over N and an odd one.
+    let cases: [(&[usize], &[usize]); 4] = [
+        (&[16, 256, 32, 16], &[16, 256, 1, 1]),
+        (&[4, 64, 32, 16], &[4, 64, 32, 16]),
+        (&[2, 3, 4, 5], &[3, 1, 1]),
+        (&[2, 3, 4, 5], &[1, 3, 1, 5]),
+    ];
+    for (a, b) in cases {
+        let inputs = [randn_bf16(a, &mut rng), randn_bf16(b, &mut rng), randn_bf16(a, &mut rng)];
+        check_bf16(&format!("bf16 add/mul/sum_to_shape/broadcast_to {a:?} with {b:?}"), &inputs, &[BF16; 6], |t| {
+            let (da, db) = ew::mul_backward(&t[2], &t[0], &t[1])?;
+            Ok(vec![ew::add(&t[0], &t[1])?, ew::mul(&t[0], &t[1])?, da, db, ew::sum_to_shape(&t[2], b)?, ew::broadcast_to(&t[1], a)?])
+        });
+    }
+    // The part branch's concat of stripe features, and one along an inner axis.
+    let cases: [(&[usize], &[usize], usize); 2] = [(&[64, 2048], &[64, 512], 1), (&[2, 3, 4, 5], &[2, 3, 2, 5], 2)];
+    for (a, b, axis) in cases {
+        let inputs = [randn_bf16(a, &mut rng), randn_bf16(b, &mut rng)];
+        let out = check_bf16(&format!("bf16 concat/narrow {a:?} ++ {b:?} on axis {axis}"), &inputs, &[BF16; 2], |t| {
+            let y = ew::concat(&[&t[0], &t[1]], axis)?;
+            Ok(vec![ew::narrow(&y, axis, a[axis], b[axis])?, y])
+        });
+        // Copies: bit-exact.
+        assert_eq!(out[0].to_vec().unwrap(), inputs[1].to_vec().unwrap(), "bf16 narrow of a concat");
+    }
+}
+
+#[test]
+fn bf16_pools() {
+    if !gpu("bf16_pools") {
+        return;
+    }
+    let mut rng = Rng::new(45);
+    // OSNet's max pool 3x3/2 pad 1 after conv1, its transition avg pool 2x2/2, and an odd size.
+    let cases =
+        [([4, 64, 128, 64], Pool2dCfg::new(3, 2, 1)), ([4, 256, 64, 32], Pool2dCfg::new(2, 2, 0)), ([2, 3, 7, 5], Pool2dCfg::new(3, 2, 1))];
+    for (xs, cfg) in cases {
+        let y_shape = pool::pool2d_output_shape("test", &xs, cfg).unwrap();
+        let inputs = [randn_bf16(&xs, &mut rng), randn_bf16(&y_shape, &mut rng)];
+        check_bf16(&format!("bf16 max/avg pool {xs:?} {cfg:?}"), &inputs, &[BF16; 4], |t| {
+            Ok(vec![
+                pool::max_pool2d_forward(&t[0], cfg)?,
+                pool::max_pool2d_backward(&t[1], &t[0], cfg)?,
+                pool::avg_pool2d_forward(&t[0], cfg)?,
+                pool::avg_pool2d_backward(&t[1], &xs, cfg)?,
+            ])
+        });
+    }
+    for xs in [[64, 512, 16, 8], [2, 3, 4, 5]] {
+        let (n, c) = (xs[0], xs[1]);
+        let inputs = [randn_bf16(&xs, &mut rng), randn_bf16(&[n, c, 1, 1], &mut rng), randn_bf16(&[n, 4 * c], &mut rng)];
+        check_bf16(&format!("bf16 global/stripe pools {xs:?}"), &inputs, &[BF16; 6], |t| {
+            Ok(vec![
+                pool::global_avg_pool_forward(&t[0])?,
+                pool::global_avg_pool_backward(&t[1], &xs)?,
+                pool::global_max_pool_forward(&t[0])?,
+                pool::global_max_pool_backward(&t[1], &t[0])?,
+                pool::stripe_avg_pool_forward(&t[0], 4)?,
+                pool::stripe_avg_pool_backward(&t[2], &xs, 4)?,
+            ])
+        });
+    }
 }
