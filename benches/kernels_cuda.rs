@@ -15,6 +15,11 @@
 //! per call. The depthwise layers run twice: the engine's kernels and cuDNN's grouped convolution
 //! (`set_depthwise_impl`); BatchNorm runs alone, fused with the ReLU after it, and as the two
 //! separate ops the fusion replaces.
+//!
+//! The convolution, depthwise, BatchNorm, pool and elementwise families run twice: on f32 and on
+//! bf16 activations (groups named `..._bf16`, so `-- bf16` runs only those). bf16 bytes count 2 per
+//! activation element (BatchNorm's f32 per-channel parameters and statistics are left out, as
+//! negligible), so the GB/s of the two are comparable and their times show the bandwidth gain.
 
 use std::hint::black_box;
 use std::sync::Mutex;
@@ -30,7 +35,7 @@ use plr_engine::ops::linear;
 use plr_engine::ops::loss;
 use plr_engine::ops::pool::{self, Pool2dCfg};
 use plr_engine::rng::Rng;
-use plr_engine::tensor::Storage;
+use plr_engine::tensor::{DType, Storage};
 use plr_engine::{Device, Tensor};
 
 const BATCH: usize = 64;
@@ -91,11 +96,24 @@ fn group<'a>(c: &'a mut Criterion, name: &str) -> BenchmarkGroup<'a, criterion::
 }
 
 fn gpu_randn(shape: &[usize], rng: &mut Rng) -> Tensor {
-    Tensor::randn(shape, 1.0, rng).to_device(Device::Cuda).expect("copy to the GPU")
+    gpu_randn_as(shape, DType::F32, rng)
 }
 
-fn bytes(shapes: &[&[usize]]) -> Work {
-    Work::Bytes(shapes.iter().map(|s| 4 * s.iter().product::<usize>() as u64).sum())
+fn gpu_randn_as(shape: &[usize], dtype: DType, rng: &mut Rng) -> Tensor {
+    Tensor::randn(shape, 1.0, rng).to_device(Device::Cuda).and_then(|t| t.to_dtype(dtype)).expect("copy to the GPU")
+}
+
+/// Bytes of tensors of these shapes holding `dtype` elements.
+fn bytes(dtype: DType, shapes: &[&[usize]]) -> Work {
+    Work::Bytes(shapes.iter().map(|s| (dtype.size_in_bytes() * s.iter().product::<usize>()) as u64).sum())
+}
+
+/// The group-name suffix of a dtype's benchmarks.
+fn suffix(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "",
+        DType::BF16 => "_bf16",
+    }
 }
 
 fn copy(c: &mut Criterion, rng: &mut Rng) {
@@ -103,17 +121,23 @@ fn copy(c: &mut Criterion, rng: &mut Rng) {
     let x = gpu_randn(&[64 << 20], rng);
     let Storage::Cuda(buf) = x.storage() else { unreachable!("moved to the GPU above") };
     let mut g = group(c, "copy");
-    gpu_bench(&mut g, "copy", "device_to_device_256MiB", bytes(&[x.shape(), x.shape()]), || buf.try_clone().expect("device copy"));
+    gpu_bench(&mut g, "copy", "device_to_device_256MiB", bytes(DType::F32, &[x.shape(), x.shape()]), || {
+        buf.try_clone().expect("device copy")
+    });
     g.finish();
 }
 
-fn conv_1x1(c: &mut Criterion, rng: &mut Rng) {
+fn conv_1x1(c: &mut Criterion, rng: &mut Rng, dt: DType) {
     // OSBlock reduce (256->64), expand (64->256) at 64x32; conv3's transition 256->384 at 32x16;
     // conv4's reduce 512->128 at 16x8.
     for (cin, cout, h, w) in [(256, 64, 64, 32), (64, 256, 64, 32), (256, 384, 32, 16), (512, 128, 16, 8)] {
-        let name = format!("conv1x1_{cin}to{cout}_{h}x{w}");
+        let name = format!("conv1x1_{cin}to{cout}_{h}x{w}{}", suffix(dt));
         let cfg = Conv2dCfg::new(1, 0, 1);
-        let (x, wt, dy) = (gpu_randn(&[BATCH, cin, h, w], rng), gpu_randn(&[cout, cin, 1, 1], rng), gpu_randn(&[BATCH, cout, h, w], rng));
+        let (x, wt, dy) = (
+            gpu_randn_as(&[BATCH, cin, h, w], dt, rng),
+            gpu_randn_as(&[cout, cin, 1, 1], dt, rng),
+            gpu_randn_as(&[BATCH, cout, h, w], dt, rng),
+        );
         let flops = Work::Flops(2 * (BATCH * cin * cout * h * w) as u64);
         let mut g = group(c, &name);
         gpu_bench(&mut g, &name, "forward", flops, || conv::conv2d_forward(&x, &wt, None, cfg).expect("forward"));
@@ -125,13 +149,14 @@ fn conv_1x1(c: &mut Criterion, rng: &mut Rng) {
     }
 }
 
-fn depthwise(c: &mut Criterion, rng: &mut Rng) {
+fn depthwise(c: &mut Criterion, rng: &mut Rng, dt: DType) {
     // LightConv's depthwise 3x3 in conv2, conv3 and conv4 (mid channels = out / 4).
     for (ch, h, w) in [(64, 64, 32), (96, 32, 16), (128, 16, 8)] {
-        let name = format!("depthwise3x3_{ch}_{h}x{w}");
+        let name = format!("depthwise3x3_{ch}_{h}x{w}{}", suffix(dt));
         let cfg = Conv2dCfg::new(1, 1, ch);
-        let (x, wt, dy) = (gpu_randn(&[BATCH, ch, h, w], rng), gpu_randn(&[ch, 1, 3, 3], rng), gpu_randn(&[BATCH, ch, h, w], rng));
-        let io = bytes(&[x.shape(), x.shape()]);
+        let (x, wt, dy) =
+            (gpu_randn_as(&[BATCH, ch, h, w], dt, rng), gpu_randn_as(&[ch, 1, 3, 3], dt, rng), gpu_randn_as(&[BATCH, ch, h, w], dt, rng));
+        let io = bytes(dt, &[x.shape(), x.shape()]);
         let mut g = group(c, &name);
         for (tag, choice) in [("engine", DepthwiseImpl::Engine), ("cudnn", DepthwiseImpl::Cudnn)] {
             set_depthwise_impl(choice);
@@ -148,33 +173,34 @@ fn depthwise(c: &mut Criterion, rng: &mut Rng) {
     }
 }
 
-fn batchnorm(c: &mut Criterion, rng: &mut Rng) {
+fn batchnorm(c: &mut Criterion, rng: &mut Rng, dt: DType) {
     // BN after conv2/conv3/conv4-sized outputs, and BatchNorm1d on the 2048-d global feature.
     for shape in [vec![BATCH, 256, 64, 32], vec![BATCH, 64, 64, 32], vec![BATCH, 384, 32, 16], vec![BATCH, 512, 16, 8], vec![BATCH, 2048]] {
-        let name = format!("batchnorm_train_{}", shape[1..].iter().map(usize::to_string).collect::<Vec<_>>().join("x"));
+        let name = format!("batchnorm_train_{}{}", shape[1..].iter().map(usize::to_string).collect::<Vec<_>>().join("x"), suffix(dt));
         let ch = shape[1];
-        let (x, dy, gamma, beta) = (gpu_randn(&shape, rng), gpu_randn(&shape, rng), gpu_randn(&[ch], rng), gpu_randn(&[ch], rng));
+        let (x, dy, gamma, beta) =
+            (gpu_randn_as(&shape, dt, rng), gpu_randn_as(&shape, dt, rng), gpu_randn(&[ch], rng), gpu_randn(&[ch], rng));
         let (_, stats) = bn::batchnorm_forward_train(&x, &gamma, &beta, bn::BN_EPS).expect("forward");
         let mut g = group(c, &name);
-        gpu_bench(&mut g, &name, "forward", bytes(&[&shape, &shape]), || {
+        gpu_bench(&mut g, &name, "forward", bytes(dt, &[&shape, &shape]), || {
             bn::batchnorm_forward_train(&x, &gamma, &beta, bn::BN_EPS).expect("forward")
         });
-        gpu_bench(&mut g, &name, "backward", bytes(&[&shape, &shape, &shape]), || {
+        gpu_bench(&mut g, &name, "backward", bytes(dt, &[&shape, &shape, &shape]), || {
             bn::batchnorm_backward_train(&dy, &x, &gamma, &stats).expect("backward")
         });
         // BN followed by ReLU: the fused op against the two ops it replaces (same minimal bytes).
         let (y, _) = bn::batchnorm_relu_forward_train(&x, &gamma, &beta, bn::BN_EPS).expect("forward");
-        gpu_bench(&mut g, &name, "relu_fused_forward", bytes(&[&shape, &shape]), || {
+        gpu_bench(&mut g, &name, "relu_fused_forward", bytes(dt, &[&shape, &shape]), || {
             bn::batchnorm_relu_forward_train(&x, &gamma, &beta, bn::BN_EPS).expect("forward")
         });
-        gpu_bench(&mut g, &name, "relu_unfused_forward", bytes(&[&shape, &shape]), || {
+        gpu_bench(&mut g, &name, "relu_unfused_forward", bytes(dt, &[&shape, &shape]), || {
             let (z, s) = bn::batchnorm_forward_train(&x, &gamma, &beta, bn::BN_EPS).expect("forward");
             (ew::relu_forward(&z).expect("relu"), s)
         });
-        gpu_bench(&mut g, &name, "relu_fused_backward", bytes(&[&shape, &shape, &shape, &shape]), || {
+        gpu_bench(&mut g, &name, "relu_fused_backward", bytes(dt, &[&shape, &shape, &shape, &shape]), || {
             bn::batchnorm_relu_backward_train(&dy, &y, &x, &gamma, &stats).expect("backward")
         });
-        gpu_bench(&mut g, &name, "relu_unfused_backward", bytes(&[&shape, &shape, &shape, &shape]), || {
+        gpu_bench(&mut g, &name, "relu_unfused_backward", bytes(dt, &[&shape, &shape, &shape, &shape]), || {
             let dz = ew::relu_backward(&dy, &y).expect("relu backward");
             bn::batchnorm_backward_train(&dz, &x, &gamma, &stats).expect("backward")
         });
@@ -182,69 +208,74 @@ fn batchnorm(c: &mut Criterion, rng: &mut Rng) {
     }
 }
 
-fn pools(c: &mut Criterion, rng: &mut Rng) {
-    let mut g = group(c, "pool");
+fn pools(c: &mut Criterion, rng: &mut Rng, dt: DType) {
+    let name = format!("pool{}", suffix(dt));
+    let mut g = group(c, &name);
     // The stem's 3x3/2 max pool on conv1's 128x64 output.
-    let x = gpu_randn(&[BATCH, 64, 128, 64], rng);
+    let x = gpu_randn_as(&[BATCH, 64, 128, 64], dt, rng);
     let cfg = Pool2dCfg::new(3, 2, 1);
     let y = pool::max_pool2d_forward(&x, cfg).expect("max pool");
-    let dy = gpu_randn(y.shape(), rng);
-    gpu_bench(&mut g, "pool", "maxpool3x3s2_64_128x64_forward", bytes(&[x.shape(), y.shape()]), || {
+    let dy = gpu_randn_as(y.shape(), dt, rng);
+    gpu_bench(&mut g, &name, "maxpool3x3s2_64_128x64_forward", bytes(dt, &[x.shape(), y.shape()]), || {
         pool::max_pool2d_forward(&x, cfg).expect("fwd")
     });
-    gpu_bench(&mut g, "pool", "maxpool3x3s2_64_128x64_backward", bytes(&[x.shape(), dy.shape(), x.shape()]), || {
+    gpu_bench(&mut g, &name, "maxpool3x3s2_64_128x64_backward", bytes(dt, &[x.shape(), dy.shape(), x.shape()]), || {
         pool::max_pool2d_backward(&dy, &x, cfg).expect("bwd")
     });
     // The conv2 -> conv3 transition's 2x2 average pool.
-    let x = gpu_randn(&[BATCH, 256, 64, 32], rng);
+    let x = gpu_randn_as(&[BATCH, 256, 64, 32], dt, rng);
     let cfg = Pool2dCfg::new(2, 2, 0);
     let y = pool::avg_pool2d_forward(&x, cfg).expect("avg pool");
-    let dy = gpu_randn(y.shape(), rng);
-    gpu_bench(&mut g, "pool", "avgpool2x2_256_64x32_forward", bytes(&[x.shape(), y.shape()]), || {
+    let dy = gpu_randn_as(y.shape(), dt, rng);
+    gpu_bench(&mut g, &name, "avgpool2x2_256_64x32_forward", bytes(dt, &[x.shape(), y.shape()]), || {
         pool::avg_pool2d_forward(&x, cfg).expect("fwd")
     });
-    gpu_bench(&mut g, "pool", "avgpool2x2_256_64x32_backward", bytes(&[dy.shape(), x.shape()]), || {
+    gpu_bench(&mut g, &name, "avgpool2x2_256_64x32_backward", bytes(dt, &[dy.shape(), x.shape()]), || {
         pool::avg_pool2d_backward(&dy, x.shape(), cfg).expect("bwd")
     });
     // The heads: global max pool and 4-stripe average pool of conv5's 2048-channel 16x8 map, and
     // the channel gate's global average pool.
-    let x = gpu_randn(&[BATCH, 2048, 16, 8], rng);
+    let x = gpu_randn_as(&[BATCH, 2048, 16, 8], dt, rng);
     let y = pool::global_max_pool_forward(&x).expect("global max");
-    let dy = gpu_randn(y.shape(), rng);
-    gpu_bench(&mut g, "pool", "global_max_2048_16x8_forward", bytes(&[x.shape(), y.shape()]), || {
+    let dy = gpu_randn_as(y.shape(), dt, rng);
+    gpu_bench(&mut g, &name, "global_max_2048_16x8_forward", bytes(dt, &[x.shape(), y.shape()]), || {
         pool::global_max_pool_forward(&x).expect("fwd")
     });
-    gpu_bench(&mut g, "pool", "global_max_2048_16x8_backward", bytes(&[x.shape(), dy.shape(), x.shape()]), || {
+    gpu_bench(&mut g, &name, "global_max_2048_16x8_backward", bytes(dt, &[x.shape(), dy.shape(), x.shape()]), || {
         pool::global_max_pool_backward(&dy, &x).expect("bwd")
     });
     let y = pool::stripe_avg_pool_forward(&x, 4).expect("stripe");
-    let dy = gpu_randn(y.shape(), rng);
-    gpu_bench(&mut g, "pool", "stripe4_avg_2048_16x8_forward", bytes(&[x.shape(), y.shape()]), || {
+    let dy = gpu_randn_as(y.shape(), dt, rng);
+    gpu_bench(&mut g, &name, "stripe4_avg_2048_16x8_forward", bytes(dt, &[x.shape(), y.shape()]), || {
         pool::stripe_avg_pool_forward(&x, 4).expect("fwd")
     });
-    gpu_bench(&mut g, "pool", "stripe4_avg_2048_16x8_backward", bytes(&[dy.shape(), x.shape()]), || {
+    gpu_bench(&mut g, &name, "stripe4_avg_2048_16x8_backward", bytes(dt, &[dy.shape(), x.shape()]), || {
         pool::stripe_avg_pool_backward(&dy, x.shape(), 4).expect("bwd")
     });
-    let x = gpu_randn(&[BATCH, 256, 64, 32], rng);
-    gpu_bench(&mut g, "pool", "global_avg_256_64x32_forward", bytes(&[x.shape()]), || pool::global_avg_pool_forward(&x).expect("fwd"));
+    let x = gpu_randn_as(&[BATCH, 256, 64, 32], dt, rng);
+    gpu_bench(&mut g, &name, "global_avg_256_64x32_forward", bytes(dt, &[x.shape()]), || pool::global_avg_pool_forward(&x).expect("fwd"));
     g.finish();
 }
 
-fn elementwise(c: &mut Criterion, rng: &mut Rng) {
-    let mut g = group(c, "elementwise");
+fn elementwise(c: &mut Criterion, rng: &mut Rng, dt: DType) {
+    let name = format!("elementwise{}", suffix(dt));
+    let mut g = group(c, &name);
     let s = [BATCH, 256, 64, 32];
-    let (x, y2) = (gpu_randn(&s, rng), gpu_randn(&s, rng));
+    let (x, y2) = (gpu_randn_as(&s, dt, rng), gpu_randn_as(&s, dt, rng));
     let y = ew::relu_forward(&x).expect("relu");
-    let gate = gpu_randn(&[BATCH, 256, 1, 1], rng);
-    gpu_bench(&mut g, "elementwise", "relu_256_64x32_forward", bytes(&[&s, &s]), || ew::relu_forward(&x).expect("fwd"));
-    gpu_bench(&mut g, "elementwise", "relu_256_64x32_backward", bytes(&[&s, &s, &s]), || ew::relu_backward(&y2, &y).expect("bwd"));
-    gpu_bench(&mut g, "elementwise", "add_256_64x32", bytes(&[&s, &s, &s]), || ew::add(&x, &y2).expect("add"));
-    gpu_bench(&mut g, "elementwise", "channel_gate_mul_256_64x32", bytes(&[&s, &s]), || ew::mul(&x, &gate).expect("mul"));
-    gpu_bench(&mut g, "elementwise", "channel_gate_mul_256_64x32_backward", bytes(&[&s, &s, &s]), || {
+    let gate = gpu_randn_as(&[BATCH, 256, 1, 1], dt, rng);
+    gpu_bench(&mut g, &name, "relu_256_64x32_forward", bytes(dt, &[&s, &s]), || ew::relu_forward(&x).expect("fwd"));
+    gpu_bench(&mut g, &name, "relu_256_64x32_backward", bytes(dt, &[&s, &s, &s]), || ew::relu_backward(&y2, &y).expect("bwd"));
+    gpu_bench(&mut g, &name, "add_256_64x32", bytes(dt, &[&s, &s, &s]), || ew::add(&x, &y2).expect("add"));
+    gpu_bench(&mut g, &name, "channel_gate_mul_256_64x32", bytes(dt, &[&s, &s]), || ew::mul(&x, &gate).expect("mul"));
+    gpu_bench(&mut g, &name, "channel_gate_mul_256_64x32_backward", bytes(dt, &[&s, &s, &s]), || {
         ew::mul_backward(&y2, &x, &gate).expect("mul backward")
     });
-    let f = gpu_randn(&[BATCH, 2048], rng);
-    gpu_bench(&mut g, "elementwise", "l2_normalize_64x2048", bytes(&[f.shape(), f.shape()]), || ew::l2_normalize_forward(&f).expect("l2"));
+    if dt == DType::F32 {
+        // f32 only (the embedding's normalisation).
+        let f = gpu_randn(&[BATCH, 2048], rng);
+        gpu_bench(&mut g, &name, "l2_normalize_64x2048", bytes(dt, &[f.shape(), f.shape()]), || ew::l2_normalize_forward(&f).expect("l2"));
+    }
     g.finish();
 }
 
@@ -280,8 +311,12 @@ fn attention(c: &mut Criterion, rng: &mut Rng) {
         let energy_flops = Work::Flops(2 * (BATCH * qk * pos * pos) as u64);
         let out_flops = 2 * (BATCH * ch * pos * pos) as u64;
         gpu_bench(&mut g, &name, "energy_bmm_forward", energy_flops, || att::bmm(&q, &k, true, false).expect("bmm"));
-        gpu_bench(&mut g, &name, "softmax_forward", bytes(&[&e, &e]), || att::softmax_lastdim_forward(&energy).expect("softmax"));
-        gpu_bench(&mut g, &name, "softmax_backward", bytes(&[&e, &e, &e]), || att::softmax_lastdim_backward(&a, &a).expect("softmax bwd"));
+        gpu_bench(&mut g, &name, "softmax_forward", bytes(DType::F32, &[&e, &e]), || {
+            att::softmax_lastdim_forward(&energy).expect("softmax")
+        });
+        gpu_bench(&mut g, &name, "softmax_backward", bytes(DType::F32, &[&e, &e, &e]), || {
+            att::softmax_lastdim_backward(&a, &a).expect("softmax bwd")
+        });
         gpu_bench(&mut g, &name, "out_bmm_forward", Work::Flops(out_flops), || att::bmm(&xv, &a, false, true).expect("bmm"));
         gpu_bench(&mut g, &name, "out_bmm_backward", Work::Flops(2 * out_flops), || {
             att::bmm_backward(&dy_out, &xv, &a, false, true).expect("bmm bwd")
@@ -299,22 +334,22 @@ fn losses(c: &mut Criterion, rng: &mut Rng) {
     let centers = gpu_randn(&[CLASSES, 2048], rng);
     let one = Tensor::scalar(1.0, Device::Cuda).expect("scalar");
     let eps = 0.1;
-    gpu_bench(&mut g, "loss", "cross_entropy_751_forward", bytes(&[logits.shape()]), || {
+    gpu_bench(&mut g, "loss", "cross_entropy_751_forward", bytes(DType::F32, &[logits.shape()]), || {
         loss::cross_entropy_label_smooth_forward(&logits, &labels, eps).expect("ce")
     });
-    gpu_bench(&mut g, "loss", "cross_entropy_751_backward", bytes(&[logits.shape(), logits.shape()]), || {
+    gpu_bench(&mut g, "loss", "cross_entropy_751_backward", bytes(DType::F32, &[logits.shape(), logits.shape()]), || {
         loss::cross_entropy_label_smooth_backward(&one, &logits, &labels, eps).expect("ce bwd")
     });
-    gpu_bench(&mut g, "loss", "triplet_2048_forward", bytes(&[feat.shape()]), || {
+    gpu_bench(&mut g, "loss", "triplet_2048_forward", bytes(DType::F32, &[feat.shape()]), || {
         loss::triplet_soft_margin_forward(&feat, &labels).expect("triplet")
     });
-    gpu_bench(&mut g, "loss", "triplet_2048_backward", bytes(&[feat.shape(), feat.shape()]), || {
+    gpu_bench(&mut g, "loss", "triplet_2048_backward", bytes(DType::F32, &[feat.shape(), feat.shape()]), || {
         loss::triplet_soft_margin_backward(&one, &feat, &labels).expect("triplet bwd")
     });
-    gpu_bench(&mut g, "loss", "center_2048_forward", bytes(&[feat.shape(), feat.shape()]), || {
+    gpu_bench(&mut g, "loss", "center_2048_forward", bytes(DType::F32, &[feat.shape(), feat.shape()]), || {
         loss::center_loss_forward(&feat, &labels, &centers).expect("center")
     });
-    gpu_bench(&mut g, "loss", "center_2048_backward", bytes(&[feat.shape(), feat.shape(), feat.shape(), feat.shape()]), || {
+    gpu_bench(&mut g, "loss", "center_2048_backward", bytes(DType::F32, &[feat.shape(), feat.shape(), feat.shape(), feat.shape()]), || {
         loss::center_loss_backward(&one, &feat, &labels, &centers).expect("center bwd")
     });
     g.finish();
@@ -353,11 +388,13 @@ fn main() {
     let mut c = Criterion::default().configure_from_args();
     let mut rng = Rng::new(0);
     copy(&mut c, &mut rng);
-    conv_1x1(&mut c, &mut rng);
-    depthwise(&mut c, &mut rng);
-    batchnorm(&mut c, &mut rng);
-    pools(&mut c, &mut rng);
-    elementwise(&mut c, &mut rng);
+    for dt in [DType::F32, DType::BF16] {
+        conv_1x1(&mut c, &mut rng, dt);
+        depthwise(&mut c, &mut rng, dt);
+        batchnorm(&mut c, &mut rng, dt);
+        pools(&mut c, &mut rng, dt);
+        elementwise(&mut c, &mut rng, dt);
+    }
     linear_layers(&mut c, &mut rng);
     attention(&mut c, &mut rng);
     losses(&mut c, &mut rng);
