@@ -252,6 +252,65 @@ mod tests {
         assert_eq!(names, ["a", "b_c"]);
     }
 
+    /// The parameter types of each `extern "C" __global__` function of `src` (names dropped).
+    fn signatures(src: &str) -> HashMap<String, Vec<String>> {
+        let mut out = HashMap::new();
+        for (at, _) in src.match_indices("__global__") {
+            let rest = &src[at + "__global__".len()..];
+            let (head, tail) = rest.split_once('(').expect("a kernel has a parameter list");
+            let name = head.split_whitespace().last().expect("a kernel has a name").to_string();
+            let params = tail.split_once(')').expect("the parameter list ends").0;
+            let types = params
+                .split(',')
+                .map(|p| {
+                    let p = p.trim();
+                    // Everything but the parameter's name, with spaces normalised.
+                    let ty = p.rsplit_once(|c: char| c.is_whitespace() || c == '*').map_or(p, |(t, _)| t);
+                    let ty = if p[ty.len()..].starts_with('*') { format!("{ty}*") } else { ty.to_string() };
+                    ty.split_whitespace().collect::<Vec<_>>().join(" ")
+                })
+                .collect();
+            out.insert(name, types);
+        }
+        out
+    }
+
+    /// Every bf16 kernel (`<name>_bf16`, or `_bf16_f32` / `_f32_bf16` for mixed outputs) has an f32
+    /// twin `<name>` in the same file whose parameters are the same but for bf16 -> float, so the
+    /// launchers, which pass one argument list for both dtypes, fit both (the driver's parameter
+    /// sizes are checked only at launch, on a GPU).
+    #[test]
+    fn bf16_kernels_take_their_f32_twins_parameters() {
+        let mut twins = 0;
+        for file in kernel_files() {
+            let sigs = signatures(&expand(file).unwrap());
+            for (name, types) in &sigs {
+                if name.starts_with("cast_") || !name.contains("bf16") {
+                    continue;
+                }
+                let base = ["_bf16_f32", "_f32_bf16", "_bf16"].iter().find_map(|s| name.strip_suffix(s)).unwrap_or(name);
+                let twin = sigs.get(base).unwrap_or_else(|| panic!("{file}: {name} has no f32 twin {base}"));
+                let widened: Vec<String> = types.iter().map(|t| t.replace("bf16", "float")).collect();
+                assert_eq!(&widened, twin, "{file}: parameters of {name} and {base}");
+                twins += 1;
+            }
+        }
+        assert!(twins >= 32, "only {twins} bf16 kernels found");
+    }
+
+    /// The families whose activations may be bf16 have a `_bf16` variant of every kernel (what
+    /// `by_dtype!` asks for), except the f32-only ones: l2_normalize, casts, running statistics.
+    #[test]
+    fn bf16_families_have_a_variant_of_every_kernel() {
+        let f32_only = ["l2_normalize_forward", "l2_normalize_backward", "cast_f32_to_bf16", "cast_bf16_to_f32", "bn_update_running"];
+        for file in ["elementwise.cu", "pool.cu", "batchnorm.cu", "dwconv.cu"] {
+            let sigs = signatures(&expand(file).unwrap());
+            for name in sigs.keys().filter(|n| !n.contains("bf16") && !f32_only.contains(&n.as_str())) {
+                assert!(sigs.contains_key(&format!("{name}_bf16")), "{file}: {name} has no bf16 variant {name}_bf16");
+            }
+        }
+    }
+
     #[test]
     fn include_dir_comes_from_the_environment_first() {
         let dir = std::env::temp_dir().join(format!("plr-cuda-include-{}", std::process::id()));
