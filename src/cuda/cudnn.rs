@@ -5,7 +5,8 @@
 //! FMA-only (no TF32); in bf16 (x, w, y and their gradients bf16, f32 compute type) tensor cores
 //! are allowed, since their products of bf16 values are exact and they accumulate in f32. FFT and
 //! Winograd algorithms are avoided in both, so that results match the CPU reference (f32: ~1e-6;
-//! bf16: within the final rounding).
+//! bf16: within the final rounding). An algorithm that refuses its first call gives way to the next
+//! one the heuristics offered.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -80,24 +81,30 @@ fn tensor_desc(s: &[usize], dtype: DType) -> Result<TensorDesc> {
     Ok(d)
 }
 
-/// The algorithm of one direction, its math type and workspace size in bytes.
-#[derive(Clone, Copy)]
-struct Choice<A> {
-    algo: A,
-    math: sys::cudnnMathType_t,
+/// The algorithms of one direction that cuDNN's heuristics offered, in the order they are tried,
+/// each with its math type, and the one in use. The heuristics' ranking is not a promise that the
+/// algorithm runs: an algorithm they report as successful may still refuse the call
+/// (CUDNN_STATUS_NOT_SUPPORTED, most often with bf16 data), so until one has run the next is tried,
+/// as PyTorch does.
+struct Choices<A> {
+    cands: Vec<(A, sys::cudnnMathType_t)>,
+    /// Index into `cands` of the algorithm in use.
+    at: usize,
+    /// Its workspace size in bytes.
     ws: usize,
+    /// Whether it has run once (later failures are errors, not reasons to switch).
+    proven: bool,
 }
 
 /// Descriptors of one convolution and the algorithm chosen for each direction used so far.
 struct Plan {
-    dtype: DType,
     x: TensorDesc,
     w: FilterDesc,
     y: TensorDesc,
     conv: ConvDesc,
-    fwd: Option<Choice<sys::cudnnConvolutionFwdAlgo_t>>,
-    bwd_data: Option<Choice<sys::cudnnConvolutionBwdDataAlgo_t>>,
-    bwd_filter: Option<Choice<sys::cudnnConvolutionBwdFilterAlgo_t>>,
+    fwd: Option<Choices<sys::cudnnConvolutionFwdAlgo_t>>,
+    bwd_data: Option<Choices<sys::cudnnConvolutionBwdDataAlgo_t>>,
+    bwd_filter: Option<Choices<sys::cudnnConvolutionBwdFilterAlgo_t>>,
 }
 
 impl Plan {
@@ -125,27 +132,63 @@ impl Plan {
             .map_err(|e| err(&format!("convolution descriptor {cfg:?}"), e))?;
             result::set_convolution_group_count(conv.0, cfg.groups as i32).map_err(|e| err("set_group_count", e))?;
         }
-        Ok(Plan { dtype, x: tensor_desc(x, dtype)?, w: wd, y: tensor_desc(&y, dtype)?, conv, fwd: None, bwd_data: None, bwd_filter: None })
+        Ok(Plan { x: tensor_desc(x, dtype)?, w: wd, y: tensor_desc(&y, dtype)?, conv, fwd: None, bwd_data: None, bwd_filter: None })
     }
 }
 
 /// Largest workspace an algorithm may ask for.
 const MAX_WORKSPACE: usize = 1 << 30;
 
-/// Picks the best-ranked heuristic result that succeeded, uses a math type allowed for the plan's
-/// dtype, is not an FFT/Winograd variant and needs a bounded workspace, else the best successful
-/// one; returns it with its math type (set on the descriptor before each use, since the directions
-/// share it).
-macro_rules! pick {
-    ($perf:expr, $count:expr, $inexact:expr, $dtype:expr) => {{
-        let ok: Vec<_> = $perf[..$count as usize].iter().filter(|p| p.status.result().is_ok()).collect();
-        let allowed = allowed_math($dtype);
-        let exact = ok.iter().find(|p| allowed.contains(&p.mathType) && !$inexact.contains(&p.algo) && p.memory <= MAX_WORKSPACE);
-        match exact.or(ok.first()) {
-            Some(p) => Ok((p.algo, p.mathType)),
-            None => Err(Error::Cuda("cuDNN found no algorithm for this convolution".into())),
+/// The successful heuristic results (algorithm, math type, workspace bytes), best first, put in the
+/// order to try them: first those that use a math type allowed for `dtype`, are not FFT/Winograd
+/// variants (`inexact`) and need a bounded workspace, then the others (still better than no
+/// convolution at all), each group in cuDNN's ranking.
+fn candidates<A: Copy + PartialEq>(
+    results: &[(A, sys::cudnnMathType_t, usize)],
+    inexact: &[A],
+    dtype: DType,
+) -> Vec<(A, sys::cudnnMathType_t)> {
+    let allowed = allowed_math(dtype);
+    let exact = |&(a, m, ws): &(A, sys::cudnnMathType_t, usize)| allowed.contains(&m) && !inexact.contains(&a) && ws <= MAX_WORKSPACE;
+    let (first, rest): (Vec<_>, Vec<_>) = results.iter().partition(|r| exact(r));
+    first.into_iter().chain(rest).map(|&(a, m, _)| (a, m)).collect()
+}
+
+/// The successful entries of a heuristic query's `count` perf results as (algo, math, workspace).
+macro_rules! successful {
+    ($perf:expr, $count:expr) => {
+        $perf[..$count as usize].iter().filter(|p| p.status.result().is_ok()).map(|p| (p.algo, p.mathType, p.memory)).collect::<Vec<_>>()
+    };
+}
+
+/// Runs `exec(algo, math, workspace bytes)` with the direction's algorithm in use; until one has
+/// run, an algorithm whose workspace size or call fails gives way to the next candidate. The error
+/// names every algorithm tried.
+fn run_choice<A: Copy + std::fmt::Debug>(
+    what: &str,
+    ch: &mut Choices<A>,
+    mut ws_size: impl FnMut(A, sys::cudnnMathType_t) -> Result<usize>,
+    mut exec: impl FnMut(A, sys::cudnnMathType_t, usize) -> Result<()>,
+) -> Result<()> {
+    if ch.proven {
+        let (algo, math) = ch.cands[ch.at];
+        return exec(algo, math, ch.ws);
+    }
+    let mut failures = Vec::new();
+    for i in ch.at..ch.cands.len() {
+        let (algo, math) = ch.cands[i];
+        match ws_size(algo, math).and_then(|ws| exec(algo, math, ws).map(|()| ws)) {
+            Ok(ws) => {
+                *ch = Choices { cands: std::mem::take(&mut ch.cands), at: i, ws, proven: true };
+                return Ok(());
+            }
+            Err(e) => failures.push(format!("{algo:?}: {e}")),
         }
-    }};
+    }
+    if failures.is_empty() {
+        return Err(Error::Cuda(format!("cuDNN found no algorithm for the {what}")));
+    }
+    Err(Error::Cuda(format!("cuDNN: no algorithm ran the {what}; tried {}", failures.join("; "))))
 }
 
 fn set_math(conv: &ConvDesc, math: sys::cudnnMathType_t) -> Result<()> {
@@ -213,13 +256,14 @@ fn alpha_beta() -> (*const c_void, *const c_void) {
 /// y = conv(x, w) (no bias), all NCHW/OIHW device buffers of `dtype` elements.
 pub(crate) fn conv2d_forward(x: u64, w: u64, y: u64, x_shape: &[usize], w_shape: &[usize], cfg: Conv2dCfg, dtype: DType) -> Result<()> {
     with_plan(x_shape, w_shape, cfg, dtype, |h, p| {
-        if p.fwd.is_none() {
-            set_math(&p.conv, allowed_math(p.dtype)[0])?;
+        let Plan { x: xd, w: wd, y: yd, conv, fwd, .. } = p;
+        if fwd.is_none() {
+            set_math(conv, allowed_math(dtype)[0])?;
             let n = sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_COUNT as usize;
             let mut perf: Vec<sys::cudnnConvolutionFwdAlgoPerf_t> = vec![unsafe { std::mem::zeroed() }; n];
             let mut count = 0;
             // SAFETY: live descriptors; perf holds n entries.
-            unsafe { result::get_convolution_forward_algorithm(h, p.x.0, p.w.0, p.conv.0, p.y.0, n as i32, &mut count, perf.as_mut_ptr()) }
+            unsafe { result::get_convolution_forward_algorithm(h, xd.0, wd.0, conv.0, yd.0, n as i32, &mut count, perf.as_mut_ptr()) }
                 .map_err(|e| err("forward algorithm", e))?;
             use sys::cudnnConvolutionFwdAlgo_t as A;
             let inexact = [
@@ -228,36 +272,44 @@ pub(crate) fn conv2d_forward(x: u64, w: u64, y: u64, x_shape: &[usize], w_shape:
                 A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
                 A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
             ];
-            let (algo, math) = pick!(perf, count, inexact, p.dtype)?;
-            set_math(&p.conv, math)?;
-            // SAFETY: as above.
-            let ws = unsafe { result::get_convolution_forward_workspace_size(h, p.x.0, p.w.0, p.conv.0, p.y.0, algo) }
-                .map_err(|e| err("forward workspace size", e))?;
-            p.fwd = Some(Choice { algo, math, ws });
+            *fwd = Some(Choices { cands: candidates(&successful!(perf, count), &inexact, dtype), at: 0, ws: 0, proven: false });
         }
-        let Choice { algo, math, ws: ws_bytes } = p.fwd.expect("chosen above");
-        set_math(&p.conv, math)?;
-        let ws = workspace(ws_bytes)?;
-        let (alpha, beta) = alpha_beta();
-        // SAFETY: x, w, y hold the element counts of the plan's descriptors; ws holds ws_bytes.
-        unsafe {
-            result::convolution_forward(
-                h,
-                alpha,
-                p.x.0,
-                x as *const c_void,
-                p.w.0,
-                w as *const c_void,
-                p.conv.0,
-                algo,
-                ws_ptr(&ws),
-                ws_bytes,
-                beta,
-                p.y.0,
-                y as *mut c_void,
-            )
-        }
-        .map_err(|e| err(&format!("convolution forward x {x_shape:?} w {w_shape:?} {cfg:?} {dtype:?}"), e))
+        let what = format!("convolution forward x {x_shape:?} w {w_shape:?} {cfg:?} {dtype:?}");
+        let choices = fwd.as_mut().expect("set above");
+        run_choice(
+            &what,
+            choices,
+            |algo, math| {
+                set_math(conv, math)?;
+                // SAFETY: live descriptors.
+                unsafe { result::get_convolution_forward_workspace_size(h, xd.0, wd.0, conv.0, yd.0, algo) }
+                    .map_err(|e| err("forward workspace size", e))
+            },
+            |algo, math, ws_bytes| {
+                set_math(conv, math)?;
+                let ws = workspace(ws_bytes)?;
+                let (alpha, beta) = alpha_beta();
+                // SAFETY: x, w, y hold the element counts of the plan's descriptors; ws holds ws_bytes.
+                unsafe {
+                    result::convolution_forward(
+                        h,
+                        alpha,
+                        xd.0,
+                        x as *const c_void,
+                        wd.0,
+                        w as *const c_void,
+                        conv.0,
+                        algo,
+                        ws_ptr(&ws),
+                        ws_bytes,
+                        beta,
+                        yd.0,
+                        y as *mut c_void,
+                    )
+                }
+                .map_err(|e| err(&what, e))
+            },
+        )
     })
 }
 
@@ -272,14 +324,15 @@ pub(crate) fn conv2d_backward_data(
     dtype: DType,
 ) -> Result<()> {
     with_plan(x_shape, w_shape, cfg, dtype, |h, p| {
-        if p.bwd_data.is_none() {
-            set_math(&p.conv, allowed_math(p.dtype)[0])?;
+        let Plan { x: xd, w: wd, y: yd, conv, bwd_data, .. } = p;
+        if bwd_data.is_none() {
+            set_math(conv, allowed_math(dtype)[0])?;
             let n = sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT as usize;
             let mut perf: Vec<sys::cudnnConvolutionBwdDataAlgoPerf_t> = vec![unsafe { std::mem::zeroed() }; n];
             let mut count = 0;
             // SAFETY: live descriptors; perf holds n entries.
             unsafe {
-                result::get_convolution_backward_data_algorithm(h, p.w.0, p.y.0, p.conv.0, p.x.0, n as i32, &mut count, perf.as_mut_ptr())
+                result::get_convolution_backward_data_algorithm(h, wd.0, yd.0, conv.0, xd.0, n as i32, &mut count, perf.as_mut_ptr())
             }
             .map_err(|e| err("backward-data algorithm", e))?;
             use sys::cudnnConvolutionBwdDataAlgo_t as A;
@@ -289,36 +342,44 @@ pub(crate) fn conv2d_backward_data(
                 A::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD,
                 A::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED,
             ];
-            let (algo, math) = pick!(perf, count, inexact, p.dtype)?;
-            set_math(&p.conv, math)?;
-            // SAFETY: as above.
-            let ws = unsafe { result::get_convolution_backward_data_workspace_size(h, p.w.0, p.y.0, p.conv.0, p.x.0, algo) }
-                .map_err(|e| err("backward-data workspace size", e))?;
-            p.bwd_data = Some(Choice { algo, math, ws });
+            *bwd_data = Some(Choices { cands: candidates(&successful!(perf, count), &inexact, dtype), at: 0, ws: 0, proven: false });
         }
-        let Choice { algo, math, ws: ws_bytes } = p.bwd_data.expect("chosen above");
-        set_math(&p.conv, math)?;
-        let ws = workspace(ws_bytes)?;
-        let (alpha, beta) = alpha_beta();
-        // SAFETY: dy, w, dx hold the element counts of the plan's descriptors; ws holds ws_bytes.
-        unsafe {
-            result::convolution_backward_data(
-                h,
-                alpha,
-                p.w.0,
-                w as *const c_void,
-                p.y.0,
-                dy as *const c_void,
-                p.conv.0,
-                algo,
-                ws_ptr(&ws),
-                ws_bytes,
-                beta,
-                p.x.0,
-                dx as *mut c_void,
-            )
-        }
-        .map_err(|e| err(&format!("convolution backward-data x {x_shape:?} w {w_shape:?} {cfg:?} {dtype:?}"), e))
+        let what = format!("convolution backward-data x {x_shape:?} w {w_shape:?} {cfg:?} {dtype:?}");
+        let choices = bwd_data.as_mut().expect("set above");
+        run_choice(
+            &what,
+            choices,
+            |algo, math| {
+                set_math(conv, math)?;
+                // SAFETY: live descriptors.
+                unsafe { result::get_convolution_backward_data_workspace_size(h, wd.0, yd.0, conv.0, xd.0, algo) }
+                    .map_err(|e| err("backward-data workspace size", e))
+            },
+            |algo, math, ws_bytes| {
+                set_math(conv, math)?;
+                let ws = workspace(ws_bytes)?;
+                let (alpha, beta) = alpha_beta();
+                // SAFETY: dy, w, dx hold the element counts of the plan's descriptors; ws holds ws_bytes.
+                unsafe {
+                    result::convolution_backward_data(
+                        h,
+                        alpha,
+                        wd.0,
+                        w as *const c_void,
+                        yd.0,
+                        dy as *const c_void,
+                        conv.0,
+                        algo,
+                        ws_ptr(&ws),
+                        ws_bytes,
+                        beta,
+                        xd.0,
+                        dx as *mut c_void,
+                    )
+                }
+                .map_err(|e| err(&what, e))
+            },
+        )
     })
 }
 
@@ -333,14 +394,15 @@ pub(crate) fn conv2d_backward_filter(
     dtype: DType,
 ) -> Result<()> {
     with_plan(x_shape, w_shape, cfg, dtype, |h, p| {
-        if p.bwd_filter.is_none() {
-            set_math(&p.conv, allowed_math(p.dtype)[0])?;
+        let Plan { x: xd, w: wd, y: yd, conv, bwd_filter, .. } = p;
+        if bwd_filter.is_none() {
+            set_math(conv, allowed_math(dtype)[0])?;
             let n = sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT as usize;
             let mut perf: Vec<sys::cudnnConvolutionBwdFilterAlgoPerf_t> = vec![unsafe { std::mem::zeroed() }; n];
             let mut count = 0;
             // SAFETY: live descriptors; perf holds n entries.
             unsafe {
-                result::get_convolution_backward_filter_algorithm(h, p.x.0, p.y.0, p.conv.0, p.w.0, n as i32, &mut count, perf.as_mut_ptr())
+                result::get_convolution_backward_filter_algorithm(h, xd.0, yd.0, conv.0, wd.0, n as i32, &mut count, perf.as_mut_ptr())
             }
             .map_err(|e| err("backward-filter algorithm", e))?;
             use sys::cudnnConvolutionBwdFilterAlgo_t as A;
@@ -350,35 +412,149 @@ pub(crate) fn conv2d_backward_filter(
                 A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD,
                 A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED,
             ];
-            let (algo, math) = pick!(perf, count, inexact, p.dtype)?;
-            set_math(&p.conv, math)?;
-            // SAFETY: as above.
-            let ws = unsafe { result::get_convolution_backward_filter_workspace_size(h, p.x.0, p.y.0, p.conv.0, p.w.0, algo) }
-                .map_err(|e| err("backward-filter workspace size", e))?;
-            p.bwd_filter = Some(Choice { algo, math, ws });
+            *bwd_filter = Some(Choices { cands: candidates(&successful!(perf, count), &inexact, dtype), at: 0, ws: 0, proven: false });
         }
-        let Choice { algo, math, ws: ws_bytes } = p.bwd_filter.expect("chosen above");
-        set_math(&p.conv, math)?;
-        let ws = workspace(ws_bytes)?;
-        let (alpha, beta) = alpha_beta();
-        // SAFETY: x, dy, dw hold the element counts of the plan's descriptors; ws holds ws_bytes.
-        unsafe {
-            result::convolution_backward_filter(
-                h,
-                alpha,
-                p.x.0,
-                x as *const c_void,
-                p.y.0,
-                dy as *const c_void,
-                p.conv.0,
-                algo,
-                ws_ptr(&ws),
-                ws_bytes,
-                beta,
-                p.w.0,
-                dw as *mut c_void,
-            )
-        }
-        .map_err(|e| err(&format!("convolution backward-filter x {x_shape:?} w {w_shape:?} {cfg:?} {dtype:?}"), e))
+        let what = format!("convolution backward-filter x {x_shape:?} w {w_shape:?} {cfg:?} {dtype:?}");
+        let choices = bwd_filter.as_mut().expect("set above");
+        run_choice(
+            &what,
+            choices,
+            |algo, math| {
+                set_math(conv, math)?;
+                // SAFETY: live descriptors.
+                unsafe { result::get_convolution_backward_filter_workspace_size(h, xd.0, yd.0, conv.0, wd.0, algo) }
+                    .map_err(|e| err("backward-filter workspace size", e))
+            },
+            |algo, math, ws_bytes| {
+                set_math(conv, math)?;
+                let ws = workspace(ws_bytes)?;
+                let (alpha, beta) = alpha_beta();
+                // SAFETY: x, dy, dw hold the element counts of the plan's descriptors; ws holds ws_bytes.
+                unsafe {
+                    result::convolution_backward_filter(
+                        h,
+                        alpha,
+                        xd.0,
+                        x as *const c_void,
+                        yd.0,
+                        dy as *const c_void,
+                        conv.0,
+                        algo,
+                        ws_ptr(&ws),
+                        ws_bytes,
+                        beta,
+                        wd.0,
+                        dw as *mut c_void,
+                    )
+                }
+                .map_err(|e| err(&what, e))
+            },
+        )
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sys::cudnnConvolutionFwdAlgo_t as A;
+    use sys::cudnnMathType_t as M;
+
+    const INEXACT: [A; 2] = [A::CUDNN_CONVOLUTION_FWD_ALGO_FFT, A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD];
+
+    /// Heuristic results, best first: a Winograd, a TF32 (tensor-op) GEMM, a GEMM asking for too
+    /// much workspace, then two exact ones.
+    fn results() -> Vec<(A, M, usize)> {
+        vec![
+            (A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD, M::CUDNN_FMA_MATH, 0),
+            (A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM, M::CUDNN_TENSOR_OP_MATH, 64),
+            (A::CUDNN_CONVOLUTION_FWD_ALGO_GEMM, M::CUDNN_FMA_MATH, MAX_WORKSPACE + 1),
+            (A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM, M::CUDNN_FMA_MATH, 0),
+            (A::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT, M::CUDNN_DEFAULT_MATH, 0),
+        ]
+    }
+
+    #[test]
+    fn exact_candidates_come_first_in_cudnns_order_then_the_rest() {
+        let algos = |dtype| candidates(&results(), &INEXACT, dtype).into_iter().map(|(a, _)| a).collect::<Vec<_>>();
+        // f32: FMA math only, so the tensor-op (TF32) and default-math ones are fallbacks.
+        assert_eq!(
+            algos(DType::F32),
+            [
+                A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+                A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+                A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+                A::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+                A::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+            ]
+        );
+        // bf16: tensor cores allowed.
+        assert_eq!(
+            algos(DType::BF16),
+            [
+                A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+                A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+                A::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+                A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+                A::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+            ]
+        );
+        // The math type travels with its algorithm.
+        assert_eq!(candidates(&results(), &INEXACT, DType::BF16)[0].1, M::CUDNN_TENSOR_OP_MATH);
+    }
+
+    fn choices(algos: &[A]) -> Choices<A> {
+        Choices { cands: algos.iter().map(|&a| (a, M::CUDNN_FMA_MATH)).collect(), at: 0, ws: 0, proven: false }
+    }
+
+    #[test]
+    fn an_algorithm_that_refuses_the_call_gives_way_to_the_next_until_one_has_run() {
+        let (gemm, direct) = (A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM, A::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT);
+        let mut ch = choices(&[gemm, direct]);
+        let mut calls = Vec::new();
+        // The first refuses (as CUDNN_STATUS_NOT_SUPPORTED would); the second runs with its own
+        // workspace size.
+        let ws_size = |a: A, _| Ok(if a == gemm { 8 } else { 16 });
+        run_choice("test conv", &mut ch, ws_size, |a, _, ws| {
+            calls.push((a, ws));
+            if a == gemm {
+                Err(Error::Cuda("not supported".into()))
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap();
+        assert_eq!(calls, [(gemm, 8), (direct, 16)]);
+        assert!(ch.proven && ch.at == 1 && ch.ws == 16);
+        // Later calls go straight to the proven one, and its failure is an error, not a switch.
+        calls.clear();
+        run_choice("test conv", &mut ch, ws_size, |a, _, ws| {
+            calls.push((a, ws));
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(calls, [(direct, 16)]);
+        let e = run_choice("test conv", &mut ch, ws_size, |_, _, _| Err(Error::Cuda("launch failed".into()))).unwrap_err();
+        assert!(e.to_string().contains("launch failed"), "{e}");
+        assert!(ch.proven && ch.at == 1);
+    }
+
+    #[test]
+    fn when_no_algorithm_runs_the_error_names_each_one_tried() {
+        let (gemm, direct) = (A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM, A::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT);
+        let mut ch = choices(&[gemm, direct]);
+        // One fails at its workspace query, the other at the call.
+        let e = run_choice(
+            "test conv",
+            &mut ch,
+            |a, _| if a == gemm { Err(Error::Cuda("ws query".into())) } else { Ok(0) },
+            |_, _, _| Err(Error::Cuda("not supported".into())),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("test conv") && e.contains("IMPLICIT_GEMM") && e.contains("ws query"), "{e}");
+        assert!(e.contains("DIRECT") && e.contains("not supported"), "{e}");
+        assert!(!ch.proven);
+        let e = run_choice("test conv", &mut choices(&[]), |_, _| Ok(0), |_, _, _| Ok(())).unwrap_err().to_string();
+        assert!(e.contains("no algorithm") && e.contains("test conv"), "{e}");
+    }
 }
