@@ -84,8 +84,13 @@ fn merge_dims(dims: &[usize], strides: &[usize]) -> (Vec<usize>, Vec<usize>) {
 /// a product: the bf16 gradient reductions below round only their sum).
 fn broadcast_binary(op: i32, a: Option<&Tensor>, b: &Tensor, shape: &[usize], out_dtype: DType) -> Result<Tensor> {
     const OP: &str = "broadcast";
+    // The kernel's pointer types must match every buffer's dtype (the launch cannot tell).
+    if let Some(a) = a {
+        b.check_same_dtype(OP, &[a])?;
+    }
     let kernel = match (b.dtype(), out_dtype) {
         (DType::BF16, DType::F32) => "broadcast_binary_bf16_f32",
+        (DType::F32, DType::BF16) => return Err(Error::Cuda(format!("{OP}: no f32 -> bf16 kernel"))),
         (dtype, _) => by_dtype!(dtype, "broadcast_binary"),
     };
     let lead = shape.len() - b.rank();
