@@ -5,7 +5,8 @@
 //! FMA-only (no TF32); in bf16 (x, w, y and their gradients bf16, f32 compute type) tensor cores
 //! are allowed, since their products of bf16 values are exact and they accumulate in f32. FFT and
 //! Winograd algorithms are avoided in both, so that results match the CPU reference (f32: ~1e-6;
-//! bf16: within the final rounding). An algorithm that refuses its first call gives way to the next
+//! bf16: within the final rounding; there deterministic algorithms are preferred, since atomics on
+//! a bf16 output could round more than once). An algorithm that refuses its first call gives way to the next
 //! one the heuristics offered.
 
 use std::cell::RefCell;
@@ -139,25 +140,30 @@ impl Plan {
 /// Largest workspace an algorithm may ask for.
 const MAX_WORKSPACE: usize = 1 << 30;
 
-/// The successful heuristic results (algorithm, math type, workspace bytes), best first, put in the
-/// order to try them: first those that use a math type allowed for `dtype`, are not FFT/Winograd
-/// variants (`inexact`) and need a bounded workspace, then the others (still better than no
-/// convolution at all), each group in cuDNN's ranking.
-fn candidates<A: Copy + PartialEq>(
-    results: &[(A, sys::cudnnMathType_t, usize)],
-    inexact: &[A],
-    dtype: DType,
-) -> Vec<(A, sys::cudnnMathType_t)> {
+/// A successful heuristic result: algorithm, math type, workspace bytes, whether deterministic.
+type Found<A> = (A, sys::cudnnMathType_t, usize, bool);
+
+/// The successful heuristic results, best first, put in the order to try them: first those that
+/// use a math type allowed for `dtype`, are not FFT/Winograd variants (`inexact`), need a bounded
+/// workspace and, for bf16, are deterministic (the others add into the output with atomics, which
+/// for a bf16 output could round at every addition instead of once); then the others (still better
+/// than no convolution at all), each group in cuDNN's ranking.
+fn candidates<A: Copy + PartialEq>(results: &[Found<A>], inexact: &[A], dtype: DType) -> Vec<(A, sys::cudnnMathType_t)> {
     let allowed = allowed_math(dtype);
-    let exact = |&(a, m, ws): &(A, sys::cudnnMathType_t, usize)| allowed.contains(&m) && !inexact.contains(&a) && ws <= MAX_WORKSPACE;
+    let exact =
+        |&(a, m, ws, det): &Found<A>| allowed.contains(&m) && !inexact.contains(&a) && ws <= MAX_WORKSPACE && (det || dtype == DType::F32);
     let (first, rest): (Vec<_>, Vec<_>) = results.iter().partition(|r| exact(r));
-    first.into_iter().chain(rest).map(|&(a, m, _)| (a, m)).collect()
+    first.into_iter().chain(rest).map(|&(a, m, _, _)| (a, m)).collect()
 }
 
-/// The successful entries of a heuristic query's `count` perf results as (algo, math, workspace).
+/// The successful entries of a heuristic query's `count` perf results, as `Found` tuples.
 macro_rules! successful {
     ($perf:expr, $count:expr) => {
-        $perf[..$count as usize].iter().filter(|p| p.status.result().is_ok()).map(|p| (p.algo, p.mathType, p.memory)).collect::<Vec<_>>()
+        $perf[..$count as usize]
+            .iter()
+            .filter(|p| p.status.result().is_ok())
+            .map(|p| (p.algo, p.mathType, p.memory, p.determinism == sys::cudnnDeterminism_t::CUDNN_DETERMINISTIC))
+            .collect::<Vec<_>>()
     };
 }
 
@@ -462,24 +468,28 @@ mod tests {
     const INEXACT: [A; 2] = [A::CUDNN_CONVOLUTION_FWD_ALGO_FFT, A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD];
 
     /// Heuristic results, best first: a Winograd, a TF32 (tensor-op) GEMM, a GEMM asking for too
-    /// much workspace, then two exact ones.
-    fn results() -> Vec<(A, M, usize)> {
+    /// much workspace, a non-deterministic one, then two exact ones.
+    fn results() -> Vec<Found<A>> {
         vec![
-            (A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD, M::CUDNN_FMA_MATH, 0),
-            (A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM, M::CUDNN_TENSOR_OP_MATH, 64),
-            (A::CUDNN_CONVOLUTION_FWD_ALGO_GEMM, M::CUDNN_FMA_MATH, MAX_WORKSPACE + 1),
-            (A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM, M::CUDNN_FMA_MATH, 0),
-            (A::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT, M::CUDNN_DEFAULT_MATH, 0),
+            (A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD, M::CUDNN_FMA_MATH, 0, true),
+            (A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM, M::CUDNN_TENSOR_OP_MATH, 64, true),
+            (A::CUDNN_CONVOLUTION_FWD_ALGO_GEMM, M::CUDNN_FMA_MATH, MAX_WORKSPACE + 1, true),
+            (A::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING, M::CUDNN_FMA_MATH, 0, false),
+            (A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM, M::CUDNN_FMA_MATH, 0, true),
+            (A::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT, M::CUDNN_DEFAULT_MATH, 0, true),
         ]
     }
 
     #[test]
     fn exact_candidates_come_first_in_cudnns_order_then_the_rest() {
         let algos = |dtype| candidates(&results(), &INEXACT, dtype).into_iter().map(|(a, _)| a).collect::<Vec<_>>();
-        // f32: FMA math only, so the tensor-op (TF32) and default-math ones are fallbacks.
+        // f32: FMA math only, so the tensor-op (TF32) and default-math ones are fallbacks, while
+        // determinism does not matter. (FFT_TILING stands in for a non-deterministic algorithm
+        // that is not in this test's inexact list.)
         assert_eq!(
             algos(DType::F32),
             [
+                A::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
                 A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
                 A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
                 A::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
@@ -487,7 +497,7 @@ mod tests {
                 A::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
             ]
         );
-        // bf16: tensor cores allowed.
+        // bf16: tensor cores allowed, the non-deterministic one a fallback.
         assert_eq!(
             algos(DType::BF16),
             [
@@ -496,6 +506,7 @@ mod tests {
                 A::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
                 A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
                 A::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+                A::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
             ]
         );
         // The math type travels with its algorithm.
