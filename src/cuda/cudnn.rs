@@ -6,8 +6,8 @@
 //! are allowed, since their products of bf16 values are exact and they accumulate in f32. FFT and
 //! Winograd algorithms are avoided in both, so that results match the CPU reference (f32: ~1e-6;
 //! bf16: within the final rounding; there deterministic algorithms are preferred, since atomics on
-//! a bf16 output could round more than once). An algorithm that refuses its first call gives way to the next
-//! one the heuristics offered.
+//! a bf16 output could round more than once). An algorithm that refuses its first call gives way
+//! to the next one the heuristics offered.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
