@@ -129,7 +129,7 @@ impl TrainGraph {
         let fresh_allocations = be.pool.end_capture();
         let captured_uploads = lock(&be.staging).graph_uploads() - uploads_before;
         adam.set_hyper_external(false);
-        let graph = ran.and_then(|_| ended).and_then(|g| g.ok_or_else(|| Error::Cuda("the captured graph is empty".into())));
+        let graph = ran.and(ended).and_then(|g| g.ok_or_else(|| Error::Cuda("the captured graph is empty".into())));
         let moved: Vec<String> =
             before_addresses.iter().zip(addresses(store, adam)).filter(|(b, a)| b.1 != a.1).map(|(b, _)| b.0.clone()).collect();
         let graph = graph.and_then(|g| {
@@ -198,7 +198,7 @@ mod tests {
     fn counter_steps_keep_the_counters_a_step_advanced() {
         let mut store = ParamStore::new();
         let ids: Vec<ParamId> = (0..3)
-            .map(|i| store.add(&format!("bn{i}.num_batches_tracked"), Tensor::zeros(&[], Device::Cpu).unwrap(), Kind::Counter).unwrap())
+            .map(|i| store.add(format!("bn{i}.num_batches_tracked"), Tensor::zeros(&[], Device::Cpu).unwrap(), Kind::Counter).unwrap())
             .collect();
         let before = counters(&store).unwrap();
         add_counters(&mut store, &[(ids[0], 1.0), (ids[2], 1.0)]).unwrap();

@@ -117,6 +117,13 @@ fn init_unchecked() -> std::result::Result<Backend, String> {
 }
 
 static HOST_WAITS: AtomicU64 = AtomicU64::new(0);
+static LAUNCHES: AtomicU64 = AtomicU64::new(0);
+
+/// Kernels of kernels/*.cu launched since start (cuDNN and cuBLAS calls, which launch their own,
+/// are not counted).
+pub fn launch_count() -> u64 {
+    LAUNCHES.load(Ordering::Relaxed)
+}
 
 /// Runs a call that blocks the host until the GPU reaches some point, counting it.
 pub(crate) fn host_wait(wait: impl FnOnce() -> std::result::Result<(), cudarc::driver::DriverError>) -> Result<()> {
@@ -265,6 +272,7 @@ impl Backend {
         // SAFETY: every launcher passes the argument list its kernel declares, with pointers to
         // live buffers of the sizes the kernel indexes.
         unsafe { b.launch(cfg) }.map_err(|e| driver_err(kernel, e))?;
+        LAUNCHES.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 }
