@@ -165,3 +165,83 @@ fn replayed_graph_matches_eager_steps() {
         }
     }
 }
+
+#[derive(clap::Parser)]
+struct TrainCmd {
+    #[command(flatten)]
+    args: plr_engine::cli::train::TrainArgs,
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("plr-graph-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn cuda_graph_flag_on_the_cpu_is_a_clear_error() {
+    use clap::Parser;
+    let dir = temp_dir("cpu-flag");
+    let out = dir.join("out");
+    let argv = ["train", "--cuda-graph", "--device", "cpu", "--output", out.to_str().unwrap()];
+    let args = TrainCmd::try_parse_from(argv).unwrap().args;
+    let e = plr_engine::cli::train::run(&args).unwrap_err().to_string();
+    assert!(e.contains("--cuda-graph") && e.contains("CPU"), "{e}");
+    assert!(!out.exists(), "nothing should be written before the flag is checked");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Two epochs of the trainer on a tiny synthetic dataset, with or without the graph.
+fn train_two_epochs(dir: &std::path::Path, graph: bool) -> (Vec<plr_engine::train::EpochStats>, plr_engine::train::Trainer) {
+    let mut c = plr_engine::train::TrainConfig::quickstart();
+    c.data.root = Some(dir.join("data"));
+    (c.data.height, c.data.width, c.data.batch_ids, c.data.instances, c.data.workers) = (64, 32, 4, 2, 2);
+    c.optim.epochs = 2;
+    c.run.output = dir.join(if graph { "graph" } else { "eager" });
+    c.run.device = "cuda".into();
+    (c.run.eval_freq, c.run.save_freq, c.run.eval_before_training, c.run.seed) = (0, 0, false, 5);
+    let mut t = plr_engine::train::Trainer::new(c, None).unwrap();
+    t.verbose = false;
+    t.cuda_graph = graph;
+    let stats = (0..2).map(|_| t.train_epoch().unwrap()).collect();
+    (stats, t)
+}
+
+#[test]
+fn trainer_with_cuda_graph_matches_eager_training() {
+    if !gpu("trainer_with_cuda_graph_matches_eager_training") {
+        return;
+    }
+    let dir = temp_dir("trainer");
+    let synth = plr_engine::data::synth::SynthConfig {
+        ids: 16,
+        cameras: 3,
+        images_per_id: 6,
+        seed: 2,
+        height: 64,
+        width: 32,
+        ..Default::default()
+    };
+    plr_engine::data::synth::generate(&synth, &dir.join("data"), false).unwrap();
+    let (eager_stats, eager) = train_two_epochs(&dir, false);
+    let (graph_stats, graphed) = train_two_epochs(&dir, true);
+    assert!(graphed.cuda_graph, "the capture failed and the trainer fell back to eager steps");
+    for (a, b) in eager_stats.iter().zip(&graph_stats) {
+        assert_eq!((a.iterations, a.images), (b.iterations, b.images));
+        let (x, y) = ([a.loss, a.ce1, a.tri1, a.cen1, a.acc], [b.loss, b.ce1, b.tri1, b.cen1, b.acc]);
+        for (u, v) in x.iter().zip(&y) {
+            assert!((u - v).abs() <= 1e-4 * u.abs().max(1e-3), "epoch {}: eager {x:?}, graph {y:?}", a.epoch);
+        }
+    }
+    for id in 0..eager.store.len() {
+        let name = &eager.store.entry(id).name;
+        let (x, y) = (eager.store.get(id).to_vec().unwrap(), graphed.store.get(id).to_vec().unwrap());
+        assert!(max_rel_err(&x, &y, 1e-3) < 1e-4, "{name} differs after two epochs");
+        if let (Some(s), Some(t)) = (eager.adam.state(id), graphed.adam.state(id)) {
+            assert_eq!(s.step, t.step, "{name}: Adam step count");
+        }
+    }
+    drop((eager, graphed));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

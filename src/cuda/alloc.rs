@@ -194,8 +194,9 @@ pub fn reset_peak_memory() {
 /// images at 384x128, batch 64, are 38 MiB.
 const STAGED_MAX_BYTES: usize = 64 << 20;
 /// Pinned buffers in the ring: a slot is written again only after its previous copy ran, so the
-/// host can be this many uploads ahead of the GPU before it waits.
-const STAGING_SLOTS: usize = 4;
+/// host can be this many uploads ahead of the GPU before it waits (a replayed graph step makes
+/// three: images, labels, Adam's step size).
+const STAGING_SLOTS: usize = 8;
 
 /// One pinned host buffer and the event recorded after the copy out of it.
 struct PinnedSlot {

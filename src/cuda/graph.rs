@@ -162,10 +162,24 @@ impl TrainGraph {
         Ok(TrainGraph { graph, images: static_images, labels: static_labels, counters: counter_steps, fresh_allocations, captured_uploads })
     }
 
+    /// Whether a batch of `images` values and `labels` labels can replay the graph.
+    pub fn fits(&self, images: usize, labels: usize) -> bool {
+        images == self.images.numel() && labels == self.labels.len()
+    }
+
+    /// Runs `f` (an eager step, say on a batch of another shape) with the loss kernels reading
+    /// their own labels again instead of the graph's fixed buffer.
+    pub fn run_eager<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        set_fixed_labels(None)?;
+        let result = f();
+        set_fixed_labels(Some(self.labels.clone()))?;
+        result
+    }
+
     /// One training step on a new batch of the captured shape: copies it into the graph's inputs,
     /// writes Adam's step size, launches, and advances the host-side counters. Never waits.
     pub fn replay(&mut self, store: &mut ParamStore, adam: &mut Adam, images: &[f32], labels: &[usize], lr: f64) -> Result<()> {
-        if images.len() != self.images.numel() || labels.len() != self.labels.len() {
+        if !self.fits(images.len(), labels.len()) {
             return Err(Error::shape(
                 "cuda_graph",
                 format!(

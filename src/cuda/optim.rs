@@ -66,8 +66,8 @@ pub struct AdamSlot<'a> {
 
 /// `adam_update` on many tensors with a few launches (`TABLE_TENSORS` tensors each). The step size
 /// lr / (1 - b1^t) and sqrt(1 - b2^t) are read from the device tensor `hyper` [2] at run time, so a
-/// captured graph replays with whatever the host wrote there last. Every tensor is updated in
-/// place: the addresses must not change, so a shared buffer is an error instead of a silent copy.
+/// captured graph replays with whatever the host wrote there last. As everywhere, a shared buffer
+/// is copied before it is written (`TrainGraph::capture` checks that no parameter moved).
 pub fn adam_multi(slots: &mut [AdamSlot], hyper: &Tensor, beta1: f32, beta2: f32, eps: f32, weight_decay: f32) -> Result<()> {
     const OP: &str = "adam_multi";
     crate::ensure_shape!(
@@ -83,15 +83,7 @@ pub fn adam_multi(slots: &mut [AdamSlot], hyper: &Tensor, beta1: f32, beta2: f32
         for (name, t) in [("grad", s.grad), ("m", &*s.m), ("v", &*s.v)] {
             crate::ensure_shape!(t.shape() == s.param.shape(), OP, "{name} {:?} != param {:?}", t.shape(), s.param.shape());
         }
-        let before = [ptr(s.param)?, ptr(s.m)?, ptr(s.v)?];
-        let after = [ptr_mut(s.param)?, ptr_mut(s.m)?, ptr_mut(s.v)?];
-        crate::ensure_shape!(
-            before == after,
-            OP,
-            "a parameter or moment of shape {:?} shares its buffer with another tensor (it would be copied, not updated in place)",
-            s.param.shape()
-        );
-        rows.push(([after[0], ptr(s.grad)?, after[1], after[2]], s.param.numel()));
+        rows.push(([ptr_mut(s.param)?, ptr(s.grad)?, ptr_mut(s.m)?, ptr_mut(s.v)?], s.param.numel()));
     }
     let ph = ptr(hyper)?;
     for table in TensorTable::build(&rows) {

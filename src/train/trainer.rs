@@ -13,6 +13,7 @@ use super::checkpoint::{self, Checkpoint, Snapshot};
 use super::config::TrainConfig;
 use super::evaluate::{evaluate_model, EvalReport};
 use crate::cli::device::resolve_device;
+use crate::cuda::graph::TrainGraph;
 use crate::data::dataset::Dataset;
 use crate::data::loader::{derive_seed, Batch, Loader, LoaderConfig};
 use crate::data::sampler::RandomIdentitySampler;
@@ -27,7 +28,7 @@ use crate::optim::{Adam, AdamConfig, LrSchedule};
 use crate::params::{Kind, ParamStore};
 use crate::rng::Rng;
 use crate::tape::{Tape, Var};
-use crate::tensor::{Device, Tensor};
+use crate::tensor::{Device, Storage, Tensor};
 
 // Random streams derived from the run seed: parameter init, and the per-epoch data seeds.
 const INIT_STREAM: u64 = 11;
@@ -126,6 +127,13 @@ pub struct Trainer {
     last_eval: Option<EvalReport>,
     /// Print progress bars and per-epoch lines.
     pub verbose: bool,
+    /// Capture the training step in a CUDA graph after the first (eager) step and replay it
+    /// (`--cuda-graph`); switched off, with a message, if the capture fails.
+    pub cuda_graph: bool,
+    graph: Option<TrainGraph>,
+    /// The step statistics of the current epoch; its device buffer keeps its address for the
+    /// whole run (a captured step adds into it).
+    meter: StepMeter,
 }
 
 /// The quick-start dataset in `dir`: reused when `synth.json` there records the same settings,
@@ -199,6 +207,27 @@ impl StepMeter {
         })
     }
 
+    /// Zeroes the sums for a new epoch (the device buffer in place, without waiting).
+    fn reset(&mut self) -> Result<()> {
+        if let Some(acc) = &self.acc {
+            match acc.storage() {
+                Storage::Cuda(b) => b.write(&[0f32; 8])?,
+                Storage::Cpu(_) => return Err(Error::Cuda("the step statistics are not on the GPU".into())),
+            }
+        }
+        self.live = [0.0; 8];
+        self.sums = [0.0; 8];
+        (self.steps, self.images, self.read_steps, self.read_images) = (0, 0, 0, 0);
+        self.last_read = Instant::now();
+        Ok(())
+    }
+
+    /// Counts a step whose statistics a replayed graph added on the device.
+    fn count_step(&mut self, images: usize) {
+        self.steps += 1;
+        self.images += images;
+    }
+
     fn record(&mut self, terms: [&Tensor; 7], logits: &Tensor, labels: &[usize]) -> Result<()> {
         match &mut self.acc {
             Some(acc) => crate::cuda::optim::accumulate_step_stats(acc, terms, logits, labels)?,
@@ -209,8 +238,7 @@ impl StepMeter {
                 self.live[7] += argmax_hits(logits, labels)? as f64;
             }
         }
-        self.steps += 1;
-        self.images += labels.len();
+        self.count_step(labels.len());
         Ok(())
     }
 
@@ -388,6 +416,9 @@ impl Trainer {
             log,
             last_eval: None,
             verbose: true,
+            cuda_graph: false,
+            graph: None,
+            meter: StepMeter::new(device)?,
         })
     }
 
@@ -414,21 +445,46 @@ impl Trainer {
         )
     }
 
-    /// One optimisation step on a batch; its statistics go to `meter`. Nothing here waits for
-    /// the GPU.
-    fn step(&mut self, batch: Batch, lr: f64, meter: &mut StepMeter) -> Result<()> {
+    /// One optimisation step on a batch; its statistics go to the meter. Nothing here waits for
+    /// the GPU. With `cuda_graph`, the first step runs eagerly, the second is captured (and run),
+    /// later ones replay the graph.
+    fn step(&mut self, batch: Batch, lr: f64) -> Result<()> {
         let labels = batch.labels.clone();
-        let x = batch.into_tensor()?.to_device(self.device)?;
-        let mut tape = Tape::new();
-        let mut ctx = Ctx::new(&mut tape, &mut self.store, true);
-        let out = self.model.forward_train(&mut ctx, &Var::constant(x))?;
-        let terms = self.loss.forward(&mut ctx, &out, &labels)?;
-        let values = [&terms.total, &terms.ce1, &terms.ce2, &terms.tri1, &terms.tri2, &terms.cen1, &terms.cen2].map(Var::value);
-        meter.record(values, out.logits1.value(), &labels)?;
-        drop(out);
-        let grads = tape.backward(&terms.total)?;
-        drop(terms);
-        self.adam.step(&mut self.store, &grads, lr)
+        let x = batch.into_tensor()?;
+        let net = (&self.model, &self.loss);
+        if self.cuda_graph && self.device == Device::Cuda {
+            if let Some(g) = &mut self.graph {
+                if g.fits(x.numel(), labels.len()) {
+                    g.replay(&mut self.store, &mut self.adam, x.cpu_slice()?, &labels, lr)?;
+                    self.meter.count_step(labels.len());
+                    return Ok(());
+                }
+                let x = x.to_device(self.device)?;
+                return g.run_eager(|| train_step(net, &mut self.meter, &mut self.store, &mut self.adam, &x, &labels, lr));
+            }
+            if self.adam.uniform_step().is_some() {
+                let x = x.to_device(self.device)?;
+                let meter = &mut self.meter;
+                let counted = (meter.steps, meter.images);
+                let mut f = |store: &mut ParamStore, adam: &mut Adam, x: &Tensor, labels: &[usize], lr: f64| {
+                    train_step(net, meter, store, adam, x, labels, lr)
+                };
+                match TrainGraph::capture(&mut self.store, &mut self.adam, &x, &labels, lr, &mut f) {
+                    Ok(g) => {
+                        self.graph = Some(g);
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        // Nothing ran: uncount the captured step and run it eagerly from now on.
+                        (self.meter.steps, self.meter.images) = counted;
+                        eprintln!("--cuda-graph: {e}; training goes on without the graph");
+                        self.cuda_graph = false;
+                    }
+                }
+            }
+        }
+        let x = x.to_device(self.device)?;
+        train_step(net, &mut self.meter, &mut self.store, &mut self.adam, &x, &labels, lr)
     }
 
     /// Trains one epoch (the next one).
@@ -450,18 +506,18 @@ impl Trainer {
         pb.set_prefix(format!("epoch {epoch}/{}", self.cfg.optim.epochs));
         let t0 = Instant::now();
         let mut sums = EpochStats { epoch, epochs: self.cfg.optim.epochs, lr, ..EpochStats::default() };
-        let mut meter = StepMeter::new(self.device)?;
+        self.meter.reset()?;
         for (i, batch) in batches.enumerate() {
             let batch = batch.map_err(|e| {
                 Error::msg(format!("epoch {epoch}, iteration {}: {e} (an unreadable image is fatal: remove or replace it)", i + 1))
             })?;
-            self.step(batch, lr, &mut meter)?;
+            self.step(batch, lr)?;
             pb.inc(1);
-            if meter.due(i + 1 == total) {
-                if let Err(bad) = meter.read()? {
+            if self.meter.due(i + 1 == total) {
+                if let Err(bad) = self.meter.read()? {
                     return Err(non_finite_error(&bad, epoch, lr));
                 }
-                sums.set_sums(&meter);
+                sums.set_sums(&self.meter);
                 sums.seconds = t0.elapsed().as_secs_f64();
                 pb.set_message(sums.averaged().line());
             }
@@ -542,6 +598,29 @@ impl Trainer {
         self.log.write("end", &serde_json::json!({ "epoch": self.epoch, "seconds": t0.elapsed().as_secs_f64() }))?;
         Ok(summary)
     }
+}
+
+/// Forward, the PLR loss, statistics into `meter`, backward and Adam on one batch already on the
+/// training device.
+fn train_step(
+    (model, loss): (&PlrOsnet, &PlrLoss),
+    meter: &mut StepMeter,
+    store: &mut ParamStore,
+    adam: &mut Adam,
+    x: &Tensor,
+    labels: &[usize],
+    lr: f64,
+) -> Result<()> {
+    let mut tape = Tape::new();
+    let mut ctx = Ctx::new(&mut tape, store, true);
+    let out = model.forward_train(&mut ctx, &Var::constant(x.clone()))?;
+    let terms = loss.forward(&mut ctx, &out, labels)?;
+    let values = [&terms.total, &terms.ce1, &terms.ce2, &terms.tri1, &terms.tri2, &terms.cen1, &terms.cen2].map(Var::value);
+    meter.record(values, out.logits1.value(), labels)?;
+    drop(out);
+    let grads = tape.backward(&terms.total)?;
+    drop(terms);
+    adam.step(store, &grads, lr)
 }
 
 /// The error that stops training on a non-finite loss. On the GPU the loss is checked when the
