@@ -45,6 +45,8 @@ struct PoolInner {
 /// graph lives: freed reserved blocks wait in `private`, where only a later capture takes them.
 #[derive(Default)]
 struct GraphBlocks {
+    /// A graph is being captured or alive (one at a time).
+    alive: bool,
     capturing: bool,
     reserved: HashSet<u64>,
     private: HashMap<usize, Vec<CudaSlice<u8>>>,
@@ -115,10 +117,15 @@ impl Pool {
     }
 
     /// Starts reserving every block taken or freed for the graph being captured.
-    pub(crate) fn begin_capture(&self) {
+    pub(crate) fn begin_capture(&self) -> Result<()> {
         let mut p = lock(&self.inner);
+        if p.graph.alive {
+            return Err(Error::Cuda("a CUDA graph is already alive; the engine keeps one at a time".into()));
+        }
+        p.graph.alive = true;
         p.graph.capturing = true;
         p.graph.fresh = 0;
+        Ok(())
     }
 
     /// Ends the capture; returns the cuMemAlloc calls made during it. The blocks stay reserved
@@ -139,6 +146,7 @@ impl Pool {
         let mut p = lock(&self.inner);
         let private = std::mem::take(&mut p.graph.private);
         p.graph.reserved.clear();
+        p.graph.alive = false;
         for (size, blocks) in private {
             p.free.entry(size).or_default().extend(blocks);
         }

@@ -42,11 +42,17 @@ impl Drop for TrainGraph {
         // The graph's blocks and pinned sources go back once no replay can still read them.
         if let Ok(be) = backend() {
             let _ = super::synchronize();
-            let _ = set_fixed_labels(None);
-            be.pool.release_graph();
-            let _ = lock(&be.staging).release_graph();
+            let _ = release(be);
         }
     }
+}
+
+/// Back to eager mode: the loss kernels' own labels, the graph's blocks to the shared cache, its
+/// pinned upload sources freed.
+fn release(be: &super::Backend) -> Result<()> {
+    set_fixed_labels(None)?;
+    be.pool.release_graph();
+    lock(&be.staging).release_graph()
 }
 
 /// Device addresses of every parameter, buffer and Adam moment: they must not move while a graph
@@ -114,9 +120,9 @@ impl TrainGraph {
         let before_addresses = addresses(store, adam);
         super::synchronize()?;
 
+        be.pool.begin_capture()?;
         set_fixed_labels(Some(static_labels.clone()))?;
         adam.set_hyper_external(true);
-        be.pool.begin_capture();
         let uploads_before = lock(&be.staging).graph_uploads();
         let begun = be
             .stream
@@ -142,24 +148,31 @@ impl TrainGraph {
                 )))
             }
         });
+        let undo = |store: &mut ParamStore, adam: &mut Adam| -> Result<()> {
+            adam.set_steps(done);
+            for &(id, v) in &before_counters {
+                *store.get_mut(id) = Tensor::from_vec(vec![v], &[])?;
+            }
+            Ok(())
+        };
         let graph = match graph {
             Ok(g) => g,
             Err(e) => {
                 // Nothing ran on the GPU: undo the host-side bookkeeping of the captured step.
-                set_fixed_labels(None)?;
-                be.pool.release_graph();
-                lock(&be.staging).release_graph()?;
-                adam.set_steps(done);
-                for &(id, v) in &before_counters {
-                    *store.get_mut(id) = Tensor::from_vec(vec![v], &[])?;
-                }
+                release(be)?;
+                undo(store, adam)?;
                 return Err(Error::Cuda(format!("CUDA graph capture failed: {e}")));
             }
         };
-        let counter_steps = counter_steps(&before_counters, &counters(store)?);
-        graph.upload().map_err(|e| super::driver_err("cuGraphUpload", e))?;
-        graph.launch().map_err(|e| super::driver_err("cuGraphLaunch", e))?;
-        Ok(TrainGraph { graph, images: static_images, labels: static_labels, counters: counter_steps, fresh_allocations, captured_uploads })
+        let counters = counter_steps(&before_counters, &counters(store)?);
+        let graph = TrainGraph { graph, images: static_images, labels: static_labels, counters, fresh_allocations, captured_uploads };
+        let launched = graph.graph.upload().and_then(|_| graph.graph.launch());
+        if let Err(e) = launched {
+            drop(graph);
+            undo(store, adam)?;
+            return Err(super::driver_err("CUDA graph: cuGraphUpload / cuGraphLaunch", e));
+        }
+        Ok(graph)
     }
 
     /// Whether a batch of `images` values and `labels` labels can replay the graph.

@@ -131,6 +131,9 @@ pub struct Trainer {
     /// (`--cuda-graph`); switched off, with a message, if the capture fails.
     pub cuda_graph: bool,
     graph: Option<TrainGraph>,
+    /// Whether this process has run an eager step (kernels compiled, cuDNN plans and the
+    /// allocator's blocks made): a resumed run's Adam state alone does not warm anything up.
+    warmed_up: bool,
     /// The step statistics of the current epoch; its device buffer keeps its address for the
     /// whole run (a captured step adds into it).
     meter: StepMeter,
@@ -418,6 +421,7 @@ impl Trainer {
             verbose: true,
             cuda_graph: false,
             graph: None,
+            warmed_up: false,
             meter: StepMeter::new(device)?,
         })
     }
@@ -462,7 +466,7 @@ impl Trainer {
                 let x = x.to_device(self.device)?;
                 return g.run_eager(|| train_step(net, &mut self.meter, &mut self.store, &mut self.adam, &x, &labels, lr));
             }
-            if self.adam.uniform_step().is_some() {
+            if self.warmed_up && self.adam.uniform_step().is_some() {
                 let x = x.to_device(self.device)?;
                 let meter = &mut self.meter;
                 let counted = (meter.steps, meter.images);
@@ -484,7 +488,9 @@ impl Trainer {
             }
         }
         let x = x.to_device(self.device)?;
-        train_step(net, &mut self.meter, &mut self.store, &mut self.adam, &x, &labels, lr)
+        train_step(net, &mut self.meter, &mut self.store, &mut self.adam, &x, &labels, lr)?;
+        self.warmed_up = true;
+        Ok(())
     }
 
     /// Trains one epoch (the next one).
