@@ -214,6 +214,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .map_err(|e| Error::msg(format!("--threads {}: {e}", args.threads)))?;
     }
     let device = resolve_device(args.device)?;
+    if args.cuda_graph && device != Device::Cuda {
+        return Err(Error::msg("--cuda-graph needs the GPU, and this benchmark would run on the CPU (see --device)"));
+    }
     let plan = Plan::new(args, device);
     let device_desc = match device {
         Device::Cuda => crate::cuda::device_name().unwrap_or_else(|| "unknown GPU".into()),
@@ -240,6 +243,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         args.classes,
         args.height,
         args.width_px
+    );
+    let trainable = bench.store.trainable().count();
+    println!(
+        "Adam on the GPU: {trainable} trainable tensors, {} multi-tensor launches per step (one per tensor before)",
+        trainable.div_ceil(crate::cuda::TABLE_TENSORS)
     );
 
     // Inference first, so that its peak holds only the parameters and the activations.
@@ -397,9 +405,6 @@ struct GraphResult {
 /// Captures the training step (after the eager warm-up above) and times its replays, each with
 /// the images and labels copied into the graph's inputs. A failed capture is reported, not fatal.
 fn graph_bench(bench: &mut Bench, x: &Var, labels: &[usize], plan: &Plan) -> Result<std::result::Result<GraphResult, String>> {
-    if x.value().device() != Device::Cuda {
-        return Err(Error::msg("--cuda-graph needs the GPU (--device cuda)"));
-    }
     let host_images = x.value().to_vec()?;
     let (model, loss) = (&bench.model, &bench.loss);
     let mut step = |store: &mut ParamStore, adam: &mut Adam, images: &Tensor, labels: &[usize], lr: f64| {
@@ -506,5 +511,18 @@ mod tests {
                 assert!(chunk[0] > l[(i - 1) * 3]);
             }
         }
+    }
+
+    #[test]
+    fn cuda_graph_on_the_cpu_is_a_clear_error() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cmd {
+            #[command(flatten)]
+            args: BenchArgs,
+        }
+        let args = Cmd::try_parse_from(["bench", "--device", "cpu", "--cuda-graph"]).unwrap().args;
+        let e = run(&args).unwrap_err().to_string();
+        assert!(e.contains("--cuda-graph") && e.contains("CPU"), "{e}");
     }
 }

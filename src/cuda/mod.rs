@@ -177,7 +177,7 @@ pub(crate) enum Arg {
 /// Tensors one multi-tensor launch works on (`struct TensorTable` in kernels/optim.cu): up to
 /// `TABLE_TENSORS` groups of four device addresses and an element count, passed by value so that
 /// nothing is uploaded per launch and the launch can be captured in a CUDA graph.
-pub(crate) const TABLE_TENSORS: usize = 48;
+pub const TABLE_TENSORS: usize = 48;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq)]
