@@ -50,9 +50,6 @@ struct GraphBlocks {
     capturing: bool,
     reserved: HashSet<u64>,
     private: HashMap<usize, Vec<CudaSlice<u8>>>,
-    /// cuMemAlloc calls made while capturing (relaxed capture mode allows them; the warm-up step
-    /// normally leaves every block the step needs in the cache, so this stays 0).
-    fresh: u64,
 }
 
 /// Block size for a request: 512-byte steps up to 1 MiB, then four steps per power of two (at
@@ -78,6 +75,13 @@ impl Pool {
                 }
                 return Ok(block);
             }
+            if capturing {
+                // cudarc allocates stream-ordered (cuMemAllocAsync): captured, that would be an
+                // allocation node of the graph, which a relaunch refuses while the block lives on.
+                return Err(Error::Cuda(format!(
+                    "the captured step needs a new device block of {size} bytes: the eager warm-up step did not leave one in the cache"
+                )));
+            }
         }
         // SAFETY: the block is written by a kernel or a copy before anything reads it.
         let block = match unsafe { stream.alloc::<u8>(size) } {
@@ -91,12 +95,7 @@ impl Pool {
             }
             Err(e) => return Err(driver_err("cuMemAlloc", e)),
         };
-        let mut p = lock(&self.inner);
-        p.note_taken(size, true);
-        if p.graph.capturing {
-            p.graph.fresh += 1;
-            p.graph.reserved.insert(block.device_ptr(stream).0);
-        }
+        lock(&self.inner).note_taken(size, true);
         Ok(block)
     }
 
@@ -124,16 +123,12 @@ impl Pool {
         }
         p.graph.alive = true;
         p.graph.capturing = true;
-        p.graph.fresh = 0;
         Ok(())
     }
 
-    /// Ends the capture; returns the cuMemAlloc calls made during it. The blocks stay reserved
-    /// until `release_graph`.
-    pub(crate) fn end_capture(&self) -> u64 {
-        let mut p = lock(&self.inner);
-        p.graph.capturing = false;
-        p.graph.fresh
+    /// Ends the capture. The blocks stay reserved until `release_graph`.
+    pub(crate) fn end_capture(&self) {
+        lock(&self.inner).graph.capturing = false;
     }
 
     pub(crate) fn capturing(&self) -> bool {
@@ -152,11 +147,12 @@ impl Pool {
         }
     }
 
-    /// Frees every cached block (stream-ordered, after the work already submitted).
+    /// Frees every cached block (stream-ordered, after the work already submitted) except those
+    /// a graph holds.
     fn release_cached(&self) {
         let blocks = {
             let mut p = lock(&self.inner);
-            p.stats.cached_bytes = 0;
+            p.stats.cached_bytes = p.graph.private.iter().map(|(size, b)| size * b.len()).sum();
             std::mem::take(&mut p.free)
         };
         drop(blocks);

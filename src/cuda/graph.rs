@@ -2,8 +2,9 @@
 //!
 //! The step (forward, loss, backward, Adam) is first run eagerly (warm-up: NVRTC modules, cuDNN
 //! plans, the allocator's blocks, Adam's moments all exist afterwards), then captured on the
-//! engine's stream in relaxed mode (cuMemAlloc stays allowed; `fresh_allocations` reports any) and
-//! instantiated. What changes from step to step is read by the graph from device memory at fixed
+//! engine's stream in relaxed mode (the captured step's constant uploads need pinned host memory
+//! allocated during the capture) and instantiated. Device memory comes from the allocator's cache
+//! only: a block the warm-up did not leave there fails the capture (see `alloc.rs`). What changes from step to step is read by the graph from device memory at fixed
 //! addresses, written by the host before each launch without waiting: the images, the labels (the
 //! loss kernels read the fixed label buffer, see `cuda::set_fixed_labels`), and Adam's step size
 //! and bias correction (`Adam::write_hyper`). Host-side bookkeeping the graph cannot do is
@@ -31,8 +32,6 @@ pub struct TrainGraph {
     labels: Arc<CudaBuffer>,
     /// CPU counters the captured step advanced, and by how much.
     counters: Vec<(ParamId, f32)>,
-    /// cuMemAlloc calls made during capture.
-    pub fresh_allocations: u64,
     /// Host-to-device copies captured (constants the step uploads).
     pub captured_uploads: usize,
 }
@@ -132,7 +131,7 @@ impl TrainGraph {
         // End the capture whatever happened, so that the stream is usable again.
         let ended =
             be.stream.end_capture(CUgraphInstantiate_flags(0)).map_err(|e| super::driver_err("cuStreamEndCapture / cuGraphInstantiate", e));
-        let fresh_allocations = be.pool.end_capture();
+        be.pool.end_capture();
         let captured_uploads = lock(&be.staging).graph_uploads() - uploads_before;
         adam.set_hyper_external(false);
         let graph = ran.and(ended).and_then(|g| g.ok_or_else(|| Error::Cuda("the captured graph is empty".into())));
@@ -165,7 +164,7 @@ impl TrainGraph {
             }
         };
         let counters = counter_steps(&before_counters, &counters(store)?);
-        let graph = TrainGraph { graph, images: static_images, labels: static_labels, counters, fresh_allocations, captured_uploads };
+        let graph = TrainGraph { graph, images: static_images, labels: static_labels, counters, captured_uploads };
         let launched = graph.graph.upload().and_then(|_| graph.graph.launch());
         if let Err(e) = launched {
             drop(graph);
