@@ -153,4 +153,31 @@ mod tests {
         // The by-value kernel parameter must fit CUDA's 4 KiB limit with the other arguments.
         assert!(std::mem::size_of::<TensorTable>() + 32 <= 4096);
     }
+
+    #[test]
+    fn tensor_table_layout_matches_the_kernel() {
+        // SAFETY: only dlopens and closes the library.
+        if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+            println!("SKIP: tensor_table_layout_matches_the_kernel: libnvrtc not found (source .ci/nvrtc-env.sh)");
+            return;
+        }
+        // The kernel file with the Rust layout asserted at compile time (member sizes, in the
+        // same order, and the total fix the offsets).
+        let t = TensorTable { ptrs: [[0; TABLE_TENSORS]; 4], len: [0; TABLE_TENSORS], count: 0 };
+        let checks = format!(
+            "\nstatic_assert(TABLE_TENSORS == {}, \"rows\");\nstatic_assert(sizeof(TensorTable) == {}, \"size\");\n\
+             static_assert(sizeof(((TensorTable*)0)->ptr) == {}, \"ptr\");\nstatic_assert(sizeof(((TensorTable*)0)->len) == {}, \"len\");\n",
+            TABLE_TENSORS,
+            std::mem::size_of::<TensorTable>(),
+            std::mem::size_of_val(&t.ptrs),
+            std::mem::size_of_val(&t.len)
+        );
+        assert_eq!(std::mem::offset_of!(TensorTable, len), std::mem::size_of_val(&t.ptrs));
+        assert_eq!(std::mem::offset_of!(TensorTable, count), std::mem::size_of_val(&t.ptrs) + std::mem::size_of_val(&t.len));
+        let src = crate::cuda::nvrtc::expand("optim.cu").unwrap() + &checks;
+        crate::cuda::nvrtc::compile_source("optim.cu", &src, "sm_90").unwrap();
+        // And the check itself bites: a wrong size fails to compile.
+        let wrong = crate::cuda::nvrtc::expand("optim.cu").unwrap() + "\nstatic_assert(sizeof(TensorTable) == 8, \"size\");\n";
+        assert!(crate::cuda::nvrtc::compile_source("optim.cu", &wrong, "sm_90").is_err());
+    }
 }
