@@ -226,7 +226,9 @@ fn trainer_with_cuda_graph_matches_eager_training() {
     plr_engine::data::synth::generate(&synth, &dir.join("data"), false).unwrap();
     let (eager_stats, eager) = train_two_epochs(&dir, false);
     let (graph_stats, graphed) = train_two_epochs(&dir, true);
-    assert!(graphed.cuda_graph, "the capture failed and the trainer fell back to eager steps");
+    let log = std::fs::read_to_string(dir.join("graph").join("log.jsonl")).unwrap();
+    assert!(log.contains(r#""captured":true"#), "the capture failed and the trainer fell back to eager steps:\n{log}");
+    assert!(graphed.cuda_graph);
     for (a, b) in eager_stats.iter().zip(&graph_stats) {
         assert_eq!((a.iterations, a.images), (b.iterations, b.images));
         let (x, y) = ([a.loss, a.ce1, a.tri1, a.cen1, a.acc], [b.loss, b.ce1, b.tri1, b.cen1, b.acc]);

@@ -475,6 +475,7 @@ impl Trainer {
                 };
                 match TrainGraph::capture(&mut self.store, &mut self.adam, &x, &labels, lr, &mut f) {
                     Ok(g) => {
+                        self.log.write("cuda_graph", &serde_json::json!({ "captured": true, "captured_uploads": g.captured_uploads }))?;
                         self.graph = Some(g);
                         return Ok(());
                     }
@@ -482,6 +483,7 @@ impl Trainer {
                         // Nothing ran: uncount the captured step and run it eagerly from now on.
                         (self.meter.steps, self.meter.images) = counted;
                         eprintln!("--cuda-graph: {e}; training goes on without the graph");
+                        self.log.write("cuda_graph", &serde_json::json!({ "captured": false, "error": e.to_string() }))?;
                         self.cuda_graph = false;
                     }
                 }
