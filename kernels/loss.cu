@@ -144,9 +144,16 @@ __device__ float center_dist(const float* x, const float* centers, int D, int i,
     return warp_sum(s);
 }
 
-// Center loss: mean over the `count` samples with label < K of clamp(dist, 1e-12, 1e12). One block.
-extern "C" __global__ void center_forward(const float* x, const float* centers, const int* labels, float* loss, int N, int D, int K,
-                                          int count) {
+// Samples with a center (label < K), counted on the device so that a CUDA graph replayed on other
+// labels stays right.
+__device__ int with_center(const int* labels, int N, int K) {
+    int c = 0;
+    for (int i = 0; i < N; ++i) c += labels[i] < K;
+    return c;
+}
+
+// Center loss: mean over the samples with label < K of clamp(dist, 1e-12, 1e12). One block.
+extern "C" __global__ void center_forward(const float* x, const float* centers, const int* labels, float* loss, int N, int D, int K) {
     __shared__ double scratch[32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
     double part = 0.0;
@@ -156,13 +163,16 @@ extern "C" __global__ void center_forward(const float* x, const float* centers, 
         part += fminf(fmaxf(center_dist(x, centers, D, i, y, lane), 1e-12f), 1e12f);
     }
     const double total = block_total(part, scratch);
-    if (threadIdx.x == 0) loss[0] = count > 0 ? (float)(total / count) : 0.0f;
+    if (threadIdx.x == 0) {
+        const int count = with_center(labels, N, K);
+        loss[0] = count > 0 ? (float)(total / count) : 0.0f;
+    }
 }
 
 // Per sample: coef_i = 2 dloss/count where the distance was not clamped, else 0 (and for samples
-// without a center). One warp per sample.
+// without a center); count = samples with a center. One warp per sample.
 extern "C" __global__ void center_coef(const float* x, const float* centers, const int* labels, const float* dloss, float* coef, int N,
-                                       int D, int K, int count) {
+                                       int D, int K) {
     const int i = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (i >= N) return;
     const int y = labels[i];
@@ -171,7 +181,7 @@ extern "C" __global__ void center_coef(const float* x, const float* centers, con
         return;
     }
     const float d = center_dist(x, centers, D, i, y, lane);
-    if (lane == 0) coef[i] = (d >= 1e-12f && d <= 1e12f) ? 2.0f * dloss[0] / count : 0.0f;
+    if (lane == 0) coef[i] = (d >= 1e-12f && d <= 1e12f) ? 2.0f * dloss[0] / with_center(labels, N, K) : 0.0f;
 }
 
 // dx_i = coef_i (x_i - c_{y_i}); elementwise over N*D.

@@ -36,11 +36,15 @@ pub struct AdamState {
 pub struct Adam {
     pub cfg: AdamConfig,
     state: HashMap<ParamId, AdamState>,
+    /// GPU: [lr / (1 - b1^t), sqrt(1 - b2^t)] read by the multi-tensor kernel, at a fixed address.
+    hyper: Option<Tensor>,
+    /// CUDA graph mode: the replaying code writes `hyper` before each launch, the step does not.
+    hyper_external: bool,
 }
 
 impl Adam {
     pub fn new(cfg: AdamConfig) -> Adam {
-        Adam { cfg, state: HashMap::new() }
+        Adam { cfg, state: HashMap::new(), hyper: None, hyper_external: false }
     }
 
     pub fn state(&self, id: ParamId) -> Option<&AdamState> {
@@ -57,9 +61,12 @@ impl Adam {
         self.step_with(store, grads.params(), lr)
     }
 
-    /// As `step`, with the gradients given per parameter id.
+    /// As `step`, with the gradients given per parameter id. On the GPU, parameters at the same
+    /// step count (all of them, in training) are updated by `cuda::optim::adam_multi`, a few
+    /// launches for the whole model; otherwise one launch per tensor.
     pub fn step_with(&mut self, store: &mut ParamStore, grads: &HashMap<ParamId, Tensor>, lr: f64) -> Result<()> {
         let ids: Vec<ParamId> = store.trainable().collect();
+        let mut on_gpu = Vec::new();
         for id in ids {
             let Some(grad) = grads.get(&id) else { continue };
             let name = &store.entry(id).name;
@@ -78,26 +85,122 @@ impl Adam {
                 }
             };
             state.step += 1;
+            if u32::try_from(state.step).is_err() {
+                return Err(Error::msg(format!("adam: {name}: step count overflow")));
+            }
             match device {
                 Device::Cpu => adam_cpu(store.get_mut(id), grad, &mut state, &self.cfg, lr)?,
-                Device::Cuda => {
-                    let c = &self.cfg;
-                    let step = u32::try_from(state.step).map_err(|_| Error::msg(format!("adam: {name}: step count overflow")))?;
-                    crate::cuda::optim::adam_update(
-                        store.get_mut(id),
-                        grad,
-                        &mut state.m,
-                        &mut state.v,
-                        lr as f32,
-                        c.beta1 as f32,
-                        c.beta2 as f32,
-                        c.eps as f32,
-                        c.weight_decay as f32,
-                        step,
-                    )?
-                }
+                Device::Cuda => on_gpu.push(id),
             }
             self.state.insert(id, state);
+        }
+        if on_gpu.is_empty() {
+            return Ok(());
+        }
+        match self.common_step(&on_gpu) {
+            Some(step) => self.step_multi(store, grads, &on_gpu, lr, step),
+            None => self.step_each(store, grads, &on_gpu, lr),
+        }
+    }
+
+    /// The step count shared by the states of `ids`, if they all have the same.
+    fn common_step(&self, ids: &[ParamId]) -> Option<u64> {
+        let mut steps = ids.iter().map(|id| self.state[id].step);
+        let first = steps.next()?;
+        steps.all(|s| s == first).then_some(first)
+    }
+
+    /// The step count shared by every parameter's state (None before the first step, or when
+    /// they differ).
+    pub fn uniform_step(&self) -> Option<u64> {
+        let ids: Vec<ParamId> = self.state.keys().copied().collect();
+        self.common_step(&ids)
+    }
+
+    fn f32_settings(&self) -> [f32; 4] {
+        let c = &self.cfg;
+        [c.beta1 as f32, c.beta2 as f32, c.eps as f32, c.weight_decay as f32]
+    }
+
+    /// Writes the learning rate and bias corrections of step `step` where the multi-tensor
+    /// kernel reads them (stream-ordered, no wait).
+    pub(crate) fn write_hyper(&mut self, lr: f64, step: u64) -> Result<()> {
+        let [b1, b2, ..] = self.f32_settings();
+        let step = u32::try_from(step).map_err(|_| Error::msg("adam: step count overflow"))?;
+        let values = crate::cuda::optim::adam_hyper(lr as f32, b1, b2, step);
+        if self.hyper.is_none() {
+            self.hyper = Some(Tensor::zeros(&[2], Device::Cuda)?);
+        }
+        match self.hyper.as_ref().map(Tensor::storage) {
+            Some(crate::tensor::Storage::Cuda(b)) => b.write(&values),
+            _ => Err(Error::Cuda("adam: the step-size buffer is not on the GPU".into())),
+        }
+    }
+
+    /// CUDA graph mode: `write_hyper` is called by the replaying code before each launch (the
+    /// captured step must not upload anything), and `advance_steps` counts each replayed step.
+    pub(crate) fn set_hyper_external(&mut self, external: bool) {
+        self.hyper_external = external;
+    }
+
+    /// Sets every parameter's update count (undoing a failed graph capture's step).
+    pub(crate) fn set_steps(&mut self, step: u64) {
+        for s in self.state.values_mut() {
+            s.step = step;
+        }
+    }
+
+    /// Counts one more update for every parameter (a replayed graph did the arithmetic).
+    pub(crate) fn advance_steps(&mut self) {
+        for s in self.state.values_mut() {
+            s.step += 1;
+        }
+    }
+
+    fn step_multi(&mut self, store: &mut ParamStore, grads: &HashMap<ParamId, Tensor>, ids: &[ParamId], lr: f64, step: u64) -> Result<()> {
+        if !self.hyper_external {
+            self.write_hyper(lr, step)?;
+        }
+        let [b1, b2, eps, wd] = self.f32_settings();
+        let hyper = self.hyper.clone().ok_or_else(|| Error::Cuda("adam: graph mode without a step-size buffer".into()))?;
+        // Moved out of the store and the state map (same buffers, no copy) to borrow them all.
+        let placeholder = || Tensor::from_vec(Vec::new(), &[0]);
+        let mut params = Vec::with_capacity(ids.len());
+        for &id in ids {
+            params.push(std::mem::replace(store.get_mut(id), placeholder()?));
+        }
+        let mut states: Vec<AdamState> = ids.iter().map(|id| self.state.remove(id).expect("states were created above")).collect();
+        let mut slots: Vec<crate::cuda::optim::AdamSlot> = params
+            .iter_mut()
+            .zip(states.iter_mut())
+            .zip(ids)
+            .map(|((param, st), id)| crate::cuda::optim::AdamSlot { param, grad: &grads[id], m: &mut st.m, v: &mut st.v })
+            .collect();
+        let result = crate::cuda::optim::adam_multi(&mut slots, &hyper, b1, b2, eps, wd);
+        drop(slots);
+        for ((&id, param), st) in ids.iter().zip(params).zip(states) {
+            *store.get_mut(id) = param;
+            self.state.insert(id, st);
+        }
+        result
+    }
+
+    fn step_each(&mut self, store: &mut ParamStore, grads: &HashMap<ParamId, Tensor>, ids: &[ParamId], lr: f64) -> Result<()> {
+        let [b1, b2, eps, wd] = self.f32_settings();
+        for &id in ids {
+            let state = self.state.get_mut(&id).expect("states were created above");
+            crate::cuda::optim::adam_update(
+                store.get_mut(id),
+                &grads[&id],
+                &mut state.m,
+                &mut state.v,
+                lr as f32,
+                b1,
+                b2,
+                eps,
+                wd,
+                state.step as u32,
+            )?;
         }
         Ok(())
     }

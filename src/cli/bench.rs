@@ -66,6 +66,9 @@ pub struct BenchArgs {
     pub json: Option<PathBuf>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Also time the training step captured once in a CUDA graph and replayed (GPU only).
+    #[arg(long)]
+    pub cuda_graph: bool,
 }
 
 /// Iteration counts after the device-dependent defaults are filled in.
@@ -136,18 +139,31 @@ struct Bench {
 /// Peak learning rate of the official schedule.
 const LR: f64 = 3.5e-4;
 
+/// Forward, loss, backward and Adam on one batch; returns the total loss (left on the device).
+fn train_step(
+    model: &PlrOsnet,
+    loss: &PlrLoss,
+    store: &mut ParamStore,
+    adam: &mut Adam,
+    x: &Var,
+    labels: &[usize],
+    lr: f64,
+) -> Result<Tensor> {
+    let mut tape = Tape::new();
+    let total = {
+        let mut ctx = Ctx::new(&mut tape, store, true);
+        let out = model.forward_train(&mut ctx, x)?;
+        loss.forward(&mut ctx, &out, labels)?.total
+    };
+    let grads = tape.backward(&total)?;
+    let _p = profile::scope(Family::Optim);
+    adam.step(store, &grads, lr)?;
+    Ok(total.into_value())
+}
+
 impl Bench {
     fn train_step(&mut self, x: &Var, labels: &[usize]) -> Result<Tensor> {
-        let mut tape = Tape::new();
-        let total = {
-            let mut ctx = Ctx::new(&mut tape, &mut self.store, true);
-            let out = self.model.forward_train(&mut ctx, x)?;
-            self.loss.forward(&mut ctx, &out, labels)?.total
-        };
-        let grads = tape.backward(&total)?;
-        let _p = profile::scope(Family::Optim);
-        self.adam.step(&mut self.store, &grads, LR)?;
-        Ok(total.into_value())
+        train_step(&self.model, &self.loss, &mut self.store, &mut self.adam, x, labels, LR)
     }
 
     fn eval_forward(&mut self, x: &Var) -> Result<Tensor> {
@@ -198,6 +214,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             .map_err(|e| Error::msg(format!("--threads {}: {e}", args.threads)))?;
     }
     let device = resolve_device(args.device)?;
+    if args.cuda_graph && device != Device::Cuda {
+        return Err(Error::msg("--cuda-graph needs the GPU, and this benchmark would run on the CPU (see --device)"));
+    }
     let plan = Plan::new(args, device);
     let device_desc = match device {
         Device::Cuda => crate::cuda::device_name().unwrap_or_else(|| "unknown GPU".into()),
@@ -224,6 +243,11 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         args.classes,
         args.height,
         args.width_px
+    );
+    let trainable = bench.store.trainable().count();
+    println!(
+        "Adam on the GPU: {trainable} trainable tensors, {} multi-tensor launches per step (one per tensor before)",
+        trainable.div_ceil(crate::cuda::TABLE_TENSORS)
     );
 
     // Inference first, so that its peak holds only the parameters and the activations.
@@ -269,6 +293,28 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         println!("peak device memory: training {:.0} MiB, inference {:.0} MiB", mib(train_peak), infer.as_ref().map_or(0.0, |i| mib(i.2)));
     }
 
+    let host = if device == Device::Cuda { Some(host_cost(&mut bench, &x, &labels)?) } else { None };
+    if let Some(h) = &host {
+        println!(
+            "per eager step: {:.1} host waits for the GPU, {:.1} device allocations, {:.0} engine kernel launches (plus cuDNN/cuBLAS calls)",
+            h.syncs, h.allocations, h.launches
+        );
+    }
+    let graph = if args.cuda_graph { Some(graph_bench(&mut bench, &x, &labels, &plan)?) } else { None };
+    if let Some(Ok(g)) = &graph {
+        println!(
+            "training step in a CUDA graph (images copied in from the host each step): median {:.2} ms (min {:.2}, max {:.2}) -> {:.0} img/s; \
+             {:.1} host waits and {:.1} device allocations per replayed step; {} constant uploads captured",
+            g.step.median_ms,
+            g.step.min_ms,
+            g.step.max_ms,
+            batch as f64 / (g.step.median_ms / 1e3),
+            g.syncs,
+            g.allocations,
+            g.captured_uploads
+        );
+    }
+
     let split = if plan.profile_iters > 0 { Some(profile_split(&mut bench, &x, &labels, plan.profile_iters)?) } else { None };
     if let Some(s) = &split {
         print_split(s, plan.profile_iters);
@@ -300,12 +346,79 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 "peak_memory_bytes": (device == Device::Cuda).then_some(*peak),
             })),
             "profile": split.as_ref().map(|s| split_json(s, plan.profile_iters)),
+            "host": host.as_ref().map(|h| json!({ "syncs_per_step": h.syncs, "allocations_per_step": h.allocations, "kernel_launches_per_step": h.launches })),
+            "cuda_graph": graph.as_ref().map(|g| match g {
+                Ok(g) => json!({
+                    "step": g.step.json(),
+                    "img_per_s": batch as f64 / (g.step.median_ms / 1e3),
+                    "syncs_per_step": g.syncs,
+                    "allocations_per_step": g.allocations,
+                    "captured_uploads": g.captured_uploads,
+                }),
+                Err(e) => json!({ "error": e }),
+            }),
         });
         let text = serde_json::to_string_pretty(&report).map_err(|e| Error::msg(format!("encoding the JSON report: {e}")))?;
         std::fs::write(path, text + "\n").map_err(|e| Error::io(path, e))?;
         println!("wrote {}", path.display());
     }
     Ok(())
+}
+
+/// Host waits and device allocations per steady-state step.
+struct HostCost {
+    syncs: f64,
+    allocations: f64,
+    /// Engine kernel launches (cuDNN and cuBLAS calls not included).
+    launches: f64,
+}
+
+/// Steps run back to back between two counter readings (no synchronisation in between).
+const COUNTED_STEPS: usize = 5;
+
+fn count_host_cost(mut step: impl FnMut() -> Result<()>) -> Result<HostCost> {
+    let counters = || (crate::cuda::sync_count(), crate::cuda::memory_stats().device_allocations, crate::cuda::launch_count());
+    let (s0, a0, l0) = counters();
+    for _ in 0..COUNTED_STEPS {
+        step()?;
+    }
+    let (s1, a1, l1) = counters();
+    crate::cuda::synchronize()?;
+    let n = COUNTED_STEPS as f64;
+    Ok(HostCost { syncs: (s1 - s0) as f64 / n, allocations: (a1 - a0) as f64 / n, launches: (l1 - l0) as f64 / n })
+}
+
+fn host_cost(bench: &mut Bench, x: &Var, labels: &[usize]) -> Result<HostCost> {
+    count_host_cost(|| bench.train_step(x, labels).map(drop))
+}
+
+struct GraphResult {
+    step: Timing,
+    syncs: f64,
+    allocations: f64,
+    captured_uploads: usize,
+}
+
+/// Captures the training step (after the eager warm-up above) and times its replays, each with
+/// the images and labels copied into the graph's inputs. A failed capture is reported, not fatal.
+fn graph_bench(bench: &mut Bench, x: &Var, labels: &[usize], plan: &Plan) -> Result<std::result::Result<GraphResult, String>> {
+    let host_images = x.value().to_vec()?;
+    let (model, loss) = (&bench.model, &bench.loss);
+    let mut step = |store: &mut ParamStore, adam: &mut Adam, images: &Tensor, labels: &[usize], lr: f64| {
+        train_step(model, loss, store, adam, &Var::constant(images.clone()), labels, lr).map(drop)
+    };
+    let mut graph = match crate::cuda::graph::TrainGraph::capture(&mut bench.store, &mut bench.adam, x.value(), labels, LR, &mut step) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("--cuda-graph: {e}; timings without the graph only");
+            return Ok(Err(e.to_string()));
+        }
+    };
+    let (store, adam) = (&mut bench.store, &mut bench.adam);
+    let mut replay = || graph.replay(store, adam, &host_images, labels, LR);
+    let cost = count_host_cost(&mut replay)?;
+    let step = time_iters(plan.warmup.min(2), plan.iters, &mut replay)?;
+    Ok(Ok(GraphResult { step, syncs: cost.syncs, allocations: cost.allocations, captured_uploads: graph.captured_uploads }))
 }
 
 /// Profile totals over `iters` steps and the wall time of those steps.
@@ -389,5 +502,18 @@ mod tests {
                 assert!(chunk[0] > l[(i - 1) * 3]);
             }
         }
+    }
+
+    #[test]
+    fn cuda_graph_on_the_cpu_is_a_clear_error() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cmd {
+            #[command(flatten)]
+            args: BenchArgs,
+        }
+        let args = Cmd::try_parse_from(["bench", "--device", "cpu", "--cuda-graph"]).unwrap().args;
+        let e = run(&args).unwrap_err().to_string();
+        assert!(e.contains("--cuda-graph") && e.contains("CPU"), "{e}");
     }
 }

@@ -79,6 +79,10 @@ pub struct TrainArgs {
     /// Image decoding threads.
     #[arg(long)]
     pub workers: Option<usize>,
+    /// Capture the training step in a CUDA graph after one eager step and replay it (GPU only;
+    /// falls back to eager steps, with a message, if the capture fails).
+    #[arg(long)]
+    pub cuda_graph: bool,
 }
 
 impl TrainArgs {
@@ -134,8 +138,12 @@ pub fn run(args: &TrainArgs) -> Result<()> {
             cfg.synth.ids, cfg.synth.images_per_id, cfg.synth.cameras
         );
     }
+    if args.cuda_graph && super::device::resolve_device(cfg.device()?)? != crate::tensor::Device::Cuda {
+        return Err(crate::error::Error::msg("--cuda-graph needs the GPU, and this run would train on the CPU (see --device)"));
+    }
     let mut trainer = Trainer::new(cfg, resume.as_ref())?;
     drop(resume);
+    trainer.cuda_graph = args.cuda_graph;
     println!("{}", trainer.describe());
     println!("{}", trainer.dataset.summary().trim_end());
     println!("writing to {}", trainer.cfg.run.output.display());

@@ -2,13 +2,17 @@
 //! its bucket's free list instead of freeing it, so a training step that repeats the previous
 //! step's allocations makes no cudaMalloc. All work runs on one stream, so a block freed after its
 //! last use was submitted can be reused by any later submission without synchronising.
+//!
+//! Uploads go through a small ring of pinned host buffers (`Staging`): a copy from pageable memory
+//! may make the driver wait for the stream, a copy from pinned memory never does, so a training
+//! step's batch and label uploads leave the host free to run ahead of the GPU.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr};
 
-use super::{backend, driver_err, lock, BACKEND};
+use super::{backend, driver_err, host_wait, lock, BACKEND};
 use crate::error::{Error, Result};
 
 /// Allocator counters, in bytes of whole blocks.
@@ -33,6 +37,19 @@ pub(crate) struct Pool {
 struct PoolInner {
     free: HashMap<usize, Vec<CudaSlice<u8>>>,
     stats: MemoryStats,
+    graph: GraphBlocks,
+}
+
+/// Blocks a captured CUDA graph uses. Every block taken or freed during capture is reserved for
+/// the graph (its replays write them), so it never goes back to the shared free lists while the
+/// graph lives: freed reserved blocks wait in `private`, where only a later capture takes them.
+#[derive(Default)]
+struct GraphBlocks {
+    /// A graph is being captured or alive (one at a time).
+    alive: bool,
+    capturing: bool,
+    reserved: HashSet<u64>,
+    private: HashMap<usize, Vec<CudaSlice<u8>>>,
 }
 
 /// Block size for a request: 512-byte steps up to 1 MiB, then four steps per power of two (at
@@ -48,10 +65,22 @@ impl Pool {
         let size = bucket(bytes);
         {
             let mut p = lock(&self.inner);
-            if let Some(block) = p.free.get_mut(&size).and_then(Vec::pop) {
+            let capturing = p.graph.capturing;
+            let private = if capturing { p.graph.private.get_mut(&size).and_then(Vec::pop) } else { None };
+            if let Some(block) = private.or_else(|| p.free.get_mut(&size).and_then(Vec::pop)) {
                 p.stats.cached_bytes -= size;
                 p.note_taken(size, false);
+                if capturing {
+                    p.graph.reserved.insert(block.device_ptr(stream).0);
+                }
                 return Ok(block);
+            }
+            if capturing {
+                // cudarc allocates stream-ordered (cuMemAllocAsync): captured, that would be an
+                // allocation node of the graph, which a relaunch refuses while the block lives on.
+                return Err(Error::Cuda(format!(
+                    "the captured step needs a new device block of {size} bytes: the eager warm-up step did not leave one in the cache"
+                )));
             }
         }
         // SAFETY: the block is written by a kernel or a copy before anything reads it.
@@ -59,7 +88,7 @@ impl Pool {
             Ok(b) => b,
             Err(e) if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY => {
                 self.release_cached();
-                stream.synchronize().map_err(|e| driver_err("synchronize", e))?;
+                host_wait(|| stream.synchronize())?;
                 // SAFETY: as above.
                 unsafe { stream.alloc::<u8>(size) }
                     .map_err(|e| Error::Cuda(format!("out of GPU memory allocating {size} bytes ({e:?})")))?
@@ -70,19 +99,60 @@ impl Pool {
         Ok(block)
     }
 
-    fn give_back(&self, block: CudaSlice<u8>) {
+    fn give_back(&self, block: CudaSlice<u8>, ptr: u64) {
         let size = block.len();
         let mut p = lock(&self.inner);
         p.stats.in_use_bytes -= size;
         p.stats.cached_bytes += size;
-        p.free.entry(size).or_default().push(block);
+        let g = &mut p.graph;
+        if g.capturing {
+            g.reserved.insert(ptr);
+        }
+        if g.reserved.contains(&ptr) {
+            g.private.entry(size).or_default().push(block);
+        } else {
+            p.free.entry(size).or_default().push(block);
+        }
     }
 
-    /// Frees every cached block (stream-ordered, after the work already submitted).
+    /// Starts reserving every block taken or freed for the graph being captured.
+    pub(crate) fn begin_capture(&self) -> Result<()> {
+        let mut p = lock(&self.inner);
+        if p.graph.alive {
+            return Err(Error::Cuda("a CUDA graph is already alive; the engine keeps one at a time".into()));
+        }
+        p.graph.alive = true;
+        p.graph.capturing = true;
+        Ok(())
+    }
+
+    /// Ends the capture. The blocks stay reserved until `release_graph`.
+    pub(crate) fn end_capture(&self) {
+        lock(&self.inner).graph.capturing = false;
+    }
+
+    pub(crate) fn capturing(&self) -> bool {
+        lock(&self.inner).graph.capturing
+    }
+
+    /// The graph is gone: its free blocks go back to the shared cache, its live ones will when
+    /// dropped. (Stream order covers a replay still running.)
+    pub(crate) fn release_graph(&self) {
+        let mut p = lock(&self.inner);
+        let private = std::mem::take(&mut p.graph.private);
+        p.graph.reserved.clear();
+        p.graph.alive = false;
+        for (size, blocks) in private {
+            p.free.entry(size).or_default().extend(blocks);
+        }
+    }
+
+    /// Frees every cached block (stream-ordered, after the work already submitted) except those
+    /// a graph holds.
     fn release_cached(&self) {
         let blocks = {
             let mut p = lock(&self.inner);
-            p.stats.cached_bytes = 0;
+            p.stats.cached_bytes = p.graph.private.iter().map(|(size, b)| size * b.len()).sum();
             std::mem::take(&mut p.free)
         };
         drop(blocks);
@@ -124,6 +194,105 @@ pub fn reset_peak_memory() {
     }
 }
 
+/// Uploads larger than this go straight from pageable memory (loading weights); batches of
+/// images at 384x128, batch 64, are 38 MiB.
+const STAGED_MAX_BYTES: usize = 64 << 20;
+/// Pinned buffers in the ring: a slot is written again only after its previous copy ran, so the
+/// host can be this many uploads ahead of the GPU before it waits (a replayed graph step makes
+/// three: images, labels, Adam's step size).
+const STAGING_SLOTS: usize = 8;
+
+/// One pinned host buffer and the event recorded after the copy out of it.
+struct PinnedSlot {
+    host: *mut u8,
+    capacity: usize,
+    copied: cudarc::driver::CudaEvent,
+    in_flight: bool,
+}
+
+// SAFETY: the pinned pointer is only touched under the staging mutex.
+unsafe impl Send for PinnedSlot {}
+
+#[derive(Default)]
+pub(crate) struct Staging {
+    slots: Vec<PinnedSlot>,
+    next: usize,
+    /// Pinned sources of copies captured in a CUDA graph: each replay copies from them again, so
+    /// they belong to the graph and are never rewritten (only constants, such as the backward
+    /// pass's seed of ones, may be uploaded by a captured step).
+    graph_sources: Vec<*mut u8>,
+}
+
+// SAFETY: the pinned pointers are only touched under the staging mutex.
+unsafe impl Send for Staging {}
+
+impl Staging {
+    /// Frees the sources of a destroyed graph's copies.
+    pub(crate) fn release_graph(&mut self) -> Result<()> {
+        for host in self.graph_sources.drain(..) {
+            // SAFETY: the graph reading it has been destroyed after its last launch completed.
+            unsafe { cudarc::driver::result::free_host(host.cast()) }.map_err(|e| driver_err("cuMemFreeHost", e))?;
+        }
+        Ok(())
+    }
+
+    /// Copies captured so far.
+    pub(crate) fn graph_uploads(&self) -> usize {
+        self.graph_sources.len()
+    }
+
+    /// Copies `bytes` into the next pinned slot and from there to `dst` on the stream.
+    fn copy(&mut self, be: &super::Backend, bytes: &[u8], dst: u64) -> Result<()> {
+        if be.pool.capturing() {
+            // SAFETY: a plain page-locked allocation, freed by `release_graph`.
+            let host: *mut u8 = unsafe { cudarc::driver::result::malloc_host(bytes.len(), 0) }
+                .map_err(|e| driver_err("cuMemHostAlloc during capture", e))?
+                .cast();
+            self.graph_sources.push(host);
+            // SAFETY: `host` holds bytes.len() bytes; the copy node reads it on every replay.
+            let src = unsafe { std::slice::from_raw_parts_mut(host, bytes.len()) };
+            src.copy_from_slice(bytes);
+            // SAFETY: as in the ring path below.
+            return unsafe { cudarc::driver::result::memcpy_htod_async(dst, src, be.stream.cu_stream()) }
+                .map_err(|e| driver_err("copy to GPU", e));
+        }
+        if self.slots.len() < STAGING_SLOTS {
+            let copied = be.ctx.new_event(None).map_err(|e| driver_err("creating an event", e))?;
+            self.slots.push(PinnedSlot { host: std::ptr::null_mut(), capacity: 0, copied, in_flight: false });
+        }
+        let i = self.next;
+        self.next = (self.next + 1) % STAGING_SLOTS;
+        let slot = &mut self.slots[i];
+        if slot.in_flight && !slot.copied.is_complete() {
+            host_wait(|| slot.copied.synchronize())?;
+        }
+        slot.in_flight = false;
+        if slot.capacity < bytes.len() {
+            if !slot.host.is_null() {
+                // SAFETY: the slot's last copy has completed (waited for above).
+                unsafe { cudarc::driver::result::free_host(slot.host.cast()) }.map_err(|e| driver_err("cuMemFreeHost", e))?;
+                slot.host = std::ptr::null_mut();
+                slot.capacity = 0;
+            }
+            let capacity = bytes.len().next_power_of_two();
+            // SAFETY: a plain page-locked allocation, freed above or kept for the process.
+            slot.host = unsafe { cudarc::driver::result::malloc_host(capacity, 0) }
+                .map_err(|e| driver_err(&format!("cuMemHostAlloc of {capacity} bytes"), e))?
+                .cast();
+            slot.capacity = capacity;
+        }
+        // SAFETY: the slot holds `capacity >= bytes.len()` bytes and no copy reads it any more.
+        let host = unsafe { std::slice::from_raw_parts_mut(slot.host, bytes.len()) };
+        host.copy_from_slice(bytes);
+        // SAFETY: `dst` is a live device buffer of at least `bytes.len()` bytes (checked by the
+        // caller); the pinned source stays untouched until `copied` completes.
+        unsafe { cudarc::driver::result::memcpy_htod_async(dst, host, be.stream.cu_stream()) }.map_err(|e| driver_err("copy to GPU", e))?;
+        slot.copied.record(&be.stream).map_err(|e| driver_err("recording an event", e))?;
+        slot.in_flight = true;
+        Ok(())
+    }
+}
+
 /// A device buffer of `len` values of `elem` bytes each (4: f32, or i32 for labels; 2: bf16),
 /// holding a pool block.
 pub struct CudaBuffer {
@@ -136,7 +305,7 @@ pub struct CudaBuffer {
 impl Drop for CudaBuffer {
     fn drop(&mut self) {
         if let (Some(block), Some(pool)) = (self.block.take(), pool()) {
-            pool.give_back(block);
+            pool.give_back(block, self.ptr);
         }
     }
 }
@@ -168,12 +337,35 @@ impl CudaBuffer {
     }
 
     fn upload(bytes: &[u8], elem: usize) -> Result<CudaBuffer> {
-        let mut buf = CudaBuffer::alloc_elems(bytes.len() / elem, elem)?;
-        if !bytes.is_empty() {
-            let be = backend()?;
-            be.stream.memcpy_htod(bytes, &mut buf.block_mut().slice_mut(..bytes.len())).map_err(|e| driver_err("copy to GPU", e))?;
-        }
+        let buf = CudaBuffer::alloc_elems(bytes.len() / elem, elem)?;
+        buf.write_bytes(bytes)?;
         Ok(buf)
+    }
+
+    /// Overwrites the buffer's first bytes with `bytes`, in stream order and without waiting for
+    /// the GPU; the address stays the same (static inputs of a CUDA graph).
+    pub(crate) fn write_bytes(&self, bytes: &[u8]) -> Result<()> {
+        if bytes.len() > self.len * self.elem {
+            return Err(Error::Cuda(format!("writing {} bytes into a buffer of {}", bytes.len(), self.len * self.elem)));
+        }
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let be = backend()?;
+        be.ctx.bind_to_thread().map_err(|e| driver_err("binding the context", e))?;
+        if bytes.len() > STAGED_MAX_BYTES && !be.pool.capturing() {
+            // Weights and other one-off uploads too large to keep a pinned copy of; from pageable
+            // memory the call returns once `bytes` has been read.
+            // SAFETY: the buffer holds at least `bytes.len()` bytes (checked above).
+            return unsafe { cudarc::driver::result::memcpy_htod_async(self.ptr, bytes, be.stream.cu_stream()) }
+                .map_err(|e| driver_err("copy to GPU", e));
+        }
+        lock(&be.staging).copy(be, bytes, self.ptr)
+    }
+
+    /// As `write_bytes`, for f32 or i32 values.
+    pub(crate) fn write<T: bytemuck::Pod>(&self, values: &[T]) -> Result<()> {
+        self.write_bytes(bytemuck::cast_slice(values))
     }
 
     pub fn from_host(data: &[f32]) -> Result<CudaBuffer> {
@@ -195,7 +387,7 @@ impl CudaBuffer {
         if !out.is_empty() {
             let be = backend()?;
             be.stream.memcpy_dtoh(&self.block().slice(..out.len()), out).map_err(|e| driver_err("copy from GPU", e))?;
-            be.stream.synchronize().map_err(|e| driver_err("synchronize", e))?;
+            host_wait(|| be.stream.synchronize())?;
         }
         Ok(())
     }

@@ -5,14 +5,20 @@
 //! `probe` checks that each is present before anything touches it. The engine uses a single
 //! stream, so work from several threads is ordered by submission and a freed buffer can be handed
 //! to the next allocation at once; cudarc's per-buffer event tracking is switched off.
+//!
+//! Every wait of the host for the GPU (stream synchronize, device-to-host copy, a busy staging
+//! buffer) goes through `host_wait`, which counts it: `sync_count` lets the benchmark and the tests
+//! check that a steady-state training step makes none.
 
 mod alloc;
 pub(crate) mod cublas;
 pub(crate) mod cudnn;
 pub mod dwconv;
+pub mod graph;
 pub mod nvrtc;
 pub mod optim;
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use cudarc::driver::{CudaContext, CudaStream, LaunchConfig, PushKernelArg};
@@ -28,6 +34,18 @@ pub(crate) struct Backend {
     pub(crate) blas: Mutex<cublas::Blas>,
     kernels: nvrtc::KernelCache,
     pub(crate) pool: alloc::Pool,
+    pub(crate) staging: Mutex<alloc::Staging>,
+    labels: Mutex<LabelCache>,
+}
+
+/// The label buffer of the last `labels` call, reused while the labels stay the same (the six
+/// loss calls of a step then upload once); or, in CUDA graph mode, the static buffer the graph
+/// reads, which the replaying code refills before each launch.
+#[derive(Default)]
+struct LabelCache {
+    last: Vec<i32>,
+    buf: Option<Arc<CudaBuffer>>,
+    fixed: Option<Arc<CudaBuffer>>,
 }
 
 static BACKEND: OnceLock<std::result::Result<Backend, String>> = OnceLock::new();
@@ -93,13 +111,36 @@ fn init_unchecked() -> std::result::Result<Backend, String> {
         blas: Mutex::new(blas),
         kernels: nvrtc::KernelCache::new(format!("sm_{major}{minor}")),
         pool: alloc::Pool::default(),
+        staging: Mutex::default(),
+        labels: Mutex::default(),
     })
+}
+
+static HOST_WAITS: AtomicU64 = AtomicU64::new(0);
+static LAUNCHES: AtomicU64 = AtomicU64::new(0);
+
+/// Kernels of kernels/*.cu launched since start (cuDNN and cuBLAS calls, which launch their own,
+/// are not counted).
+pub fn launch_count() -> u64 {
+    LAUNCHES.load(Ordering::Relaxed)
+}
+
+/// Runs a call that blocks the host until the GPU reaches some point, counting it.
+pub(crate) fn host_wait(wait: impl FnOnce() -> std::result::Result<(), cudarc::driver::DriverError>) -> Result<()> {
+    HOST_WAITS.fetch_add(1, Ordering::Relaxed);
+    wait().map_err(|e| driver_err("waiting for the GPU", e))
+}
+
+/// Times the host has waited for the GPU since start (synchronize, every read-back of a device
+/// tensor, a staging buffer still in use).
+pub fn sync_count() -> u64 {
+    HOST_WAITS.load(Ordering::Relaxed)
 }
 
 /// Waits until the GPU has finished all queued work; a no-op if the backend was never started.
 pub fn synchronize() -> Result<()> {
     match BACKEND.get() {
-        Some(Ok(b)) => b.stream.synchronize().map_err(|e| driver_err("synchronize", e)),
+        Some(Ok(b)) => host_wait(|| b.stream.synchronize()),
         _ => Ok(()),
     }
 }
@@ -130,6 +171,46 @@ pub(crate) enum Arg {
     I32(i32),
     F32(f32),
     Dims([i32; MAX_DIMS]),
+    Table(Box<TensorTable>),
+}
+
+/// Tensors one multi-tensor launch works on (`struct TensorTable` in kernels/optim.cu): up to
+/// `TABLE_TENSORS` groups of four device addresses and an element count, passed by value so that
+/// nothing is uploaded per launch and the launch can be captured in a CUDA graph.
+pub const TABLE_TENSORS: usize = 48;
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct TensorTable {
+    pub(crate) ptrs: [[u64; TABLE_TENSORS]; 4],
+    pub(crate) len: [i32; TABLE_TENSORS],
+    pub(crate) count: i32,
+}
+
+// SAFETY: plain old data with the C layout of the kernel's parameter.
+unsafe impl cudarc::driver::DeviceRepr for TensorTable {}
+
+impl TensorTable {
+    /// Tables for `rows` (four addresses and a length each), `TABLE_TENSORS` rows at most per table.
+    pub(crate) fn build(rows: &[([u64; 4], usize)]) -> Vec<TensorTable> {
+        rows.chunks(TABLE_TENSORS)
+            .map(|chunk| {
+                let mut t = TensorTable { ptrs: [[0; TABLE_TENSORS]; 4], len: [0; TABLE_TENSORS], count: chunk.len() as i32 };
+                for (i, (ptrs, len)) in chunk.iter().enumerate() {
+                    for (k, p) in ptrs.iter().enumerate() {
+                        t.ptrs[k][i] = *p;
+                    }
+                    t.len[i] = *len as i32;
+                }
+                t
+            })
+            .collect()
+    }
+
+    /// Elements over all rows.
+    pub(crate) fn total(&self) -> usize {
+        self.len[..self.count as usize].iter().map(|&n| n as usize).sum()
+    }
 }
 
 impl Arg {
@@ -139,6 +220,7 @@ impl Arg {
             Arg::Ptr(_) => 8,
             Arg::I32(_) | Arg::F32(_) => 4,
             Arg::Dims(_) => 4 * MAX_DIMS,
+            Arg::Table(_) => std::mem::size_of::<TensorTable>(),
         }
     }
 }
@@ -183,12 +265,14 @@ impl Backend {
                 Arg::I32(v) => b.arg(v),
                 Arg::F32(v) => b.arg(v),
                 Arg::Dims(v) => b.arg(v),
+                Arg::Table(t) => b.arg(&**t),
             };
         }
         let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (block, 1, 1), shared_mem_bytes: 0 };
         // SAFETY: every launcher passes the argument list its kernel declares, with pointers to
         // live buffers of the sizes the kernel indexes.
         unsafe { b.launch(cfg) }.map_err(|e| driver_err(kernel, e))?;
+        LAUNCHES.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -239,12 +323,46 @@ pub(crate) fn cast(x: &Tensor, dtype: DType) -> Result<Tensor> {
     Ok(y)
 }
 
+fn labels_i32(labels: &[usize]) -> Result<Vec<i32>> {
+    labels.iter().map(|&l| i32::try_from(l).map_err(|_| Error::msg(format!("label {l} does not fit a 32-bit integer")))).collect()
+}
+
 /// Class labels as an i32 device buffer (kept alive by the caller until the kernels using it are
-/// submitted; the allocator's stream ordering does the rest).
-pub(crate) fn labels(labels: &[usize]) -> Result<CudaBuffer> {
-    let v: Vec<i32> = labels
-        .iter()
-        .map(|&l| i32::try_from(l).map_err(|_| Error::msg(format!("label {l} does not fit a 32-bit integer"))))
-        .collect::<Result<_>>()?;
-    CudaBuffer::from_host_i32(&v)
+/// submitted; the allocator's stream ordering does the rest). Uploaded only when they differ from
+/// the previous call's; in graph mode (`set_fixed_labels`) the fixed buffer, whatever `labels` say.
+pub(crate) fn labels(labels: &[usize]) -> Result<Arc<CudaBuffer>> {
+    let be = backend()?;
+    let mut cache = lock(&be.labels);
+    if let Some(fixed) = &cache.fixed {
+        if fixed.len() != labels.len() {
+            return Err(Error::Cuda(format!(
+                "CUDA graph: the captured step has {} labels, this call {} (the batch size must stay the same)",
+                fixed.len(),
+                labels.len()
+            )));
+        }
+        return Ok(fixed.clone());
+    }
+    let v = labels_i32(labels)?;
+    if let Some(buf) = cache.buf.as_ref().filter(|_| cache.last == v) {
+        return Ok(buf.clone());
+    }
+    let buf = Arc::new(CudaBuffer::from_host_i32(&v)?);
+    cache.last = v;
+    cache.buf = Some(buf.clone());
+    Ok(buf)
+}
+
+/// Graph mode: loss kernels read `buf` instead of uploading their labels (None switches back).
+pub(crate) fn set_fixed_labels(buf: Option<Arc<CudaBuffer>>) -> Result<()> {
+    lock(&backend()?.labels).fixed = buf;
+    Ok(())
+}
+
+/// Writes `labels` into a fixed label buffer (before a graph launch), without waiting.
+pub(crate) fn write_labels(buf: &CudaBuffer, labels: &[usize]) -> Result<()> {
+    if buf.len() != labels.len() {
+        return Err(Error::Cuda(format!("{} labels for a label buffer of {}", labels.len(), buf.len())));
+    }
+    buf.write(&labels_i32(labels)?)
 }

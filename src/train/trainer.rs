@@ -2,8 +2,9 @@
 //! epochs of identity-balanced batches through the PLR loss and Adam, evaluation and checkpoints
 //! on their schedules, a progress bar per epoch and a JSON-lines log of everything.
 
+use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -12,6 +13,7 @@ use super::checkpoint::{self, Checkpoint, Snapshot};
 use super::config::TrainConfig;
 use super::evaluate::{evaluate_model, EvalReport};
 use crate::cli::device::resolve_device;
+use crate::cuda::graph::TrainGraph;
 use crate::data::dataset::Dataset;
 use crate::data::loader::{derive_seed, Batch, Loader, LoaderConfig};
 use crate::data::sampler::RandomIdentitySampler;
@@ -26,7 +28,7 @@ use crate::optim::{Adam, AdamConfig, LrSchedule};
 use crate::params::{Kind, ParamStore};
 use crate::rng::Rng;
 use crate::tape::{Tape, Var};
-use crate::tensor::{Device, Tensor};
+use crate::tensor::{Device, Storage, Tensor};
 
 // Random streams derived from the run seed: parameter init, and the per-epoch data seeds.
 const INIT_STREAM: u64 = 11;
@@ -54,16 +56,17 @@ pub struct EpochStats {
 }
 
 impl EpochStats {
-    fn add(&mut self, t: &[f64; 7], correct: usize, images: usize) {
-        self.iterations += 1;
-        self.images += images;
-        for (acc, v) in [&mut self.loss, &mut self.ce1, &mut self.ce2, &mut self.tri1, &mut self.tri2, &mut self.cen1, &mut self.cen2]
+    /// Takes the sums of the meter's read steps.
+    fn set_sums(&mut self, m: &StepMeter) {
+        self.iterations = m.read_steps;
+        self.images = m.read_images;
+        for (slot, v) in [&mut self.loss, &mut self.ce1, &mut self.ce2, &mut self.tri1, &mut self.tri2, &mut self.cen1, &mut self.cen2]
             .into_iter()
-            .zip(t)
+            .zip(&m.sums)
         {
-            *acc += v;
+            *slot = *v;
         }
-        self.acc += correct as f64;
+        self.acc = m.sums[7];
     }
 
     /// Sums turned into means.
@@ -124,6 +127,16 @@ pub struct Trainer {
     last_eval: Option<EvalReport>,
     /// Print progress bars and per-epoch lines.
     pub verbose: bool,
+    /// Capture the training step in a CUDA graph after the first (eager) step and replay it
+    /// (`--cuda-graph`); switched off, with a message, if the capture fails.
+    pub cuda_graph: bool,
+    graph: Option<TrainGraph>,
+    /// Whether this process has run an eager step (kernels compiled, cuDNN plans and the
+    /// allocator's blocks made): a resumed run's Adam state alone does not warm anything up.
+    warmed_up: bool,
+    /// The step statistics of the current epoch; its device buffer keeps its address for the
+    /// whole run (a captured step adds into it).
+    meter: StepMeter,
 }
 
 /// The quick-start dataset in `dir`: reused when `synth.json` there records the same settings,
@@ -141,6 +154,126 @@ pub fn prepare_synthetic(dir: &Path, cfg: &SynthConfig) -> Result<bool> {
 fn synth_config(cfg: &TrainConfig) -> SynthConfig {
     let s = &cfg.synth;
     SynthConfig { ids: s.ids, cameras: s.cameras, images_per_id: s.images_per_id, seed: cfg.run.seed, ..SynthConfig::default() }
+}
+
+/// How often the GPU's running sums are read back during an epoch (each read waits for the GPU).
+const READ_EVERY: Duration = Duration::from_secs(1);
+
+/// Whether the step statistics should be read now: on the CPU after every step (free), on the GPU
+/// at the epoch's last step and otherwise once `READ_EVERY` has passed since the last read.
+fn read_due(device: Device, since_read: Duration, last_step: bool) -> bool {
+    last_step || device == Device::Cpu || since_read >= READ_EVERY
+}
+
+/// Sums over an epoch of the seven loss terms and the classifier1 hits. On the GPU they stay on the
+/// device (one small kernel per step adds them up) and are read back only when `read_due` says,
+/// so a step never waits for the GPU; on the CPU they are added on the host at once.
+struct StepMeter {
+    device: Device,
+    /// GPU: [8] running sums (loss terms, then hits).
+    acc: Option<Tensor>,
+    /// CPU: the running sums.
+    live: [f64; 8],
+    /// The sums as of the last read.
+    sums: [f64; 8],
+    steps: usize,
+    images: usize,
+    read_steps: usize,
+    read_images: usize,
+    last_read: Instant,
+}
+
+/// A read that found a non-finite loss: the iterations (1-based) since the previous read, and
+/// the sums of each term over them.
+#[derive(Debug)]
+struct NonFinite {
+    window: RangeInclusive<usize>,
+    terms: [f64; 7],
+}
+
+impl StepMeter {
+    fn new(device: Device) -> Result<StepMeter> {
+        let acc = match device {
+            Device::Cuda => Some(Tensor::zeros(&[8], Device::Cuda)?),
+            Device::Cpu => None,
+        };
+        Ok(StepMeter {
+            device,
+            acc,
+            live: [0.0; 8],
+            sums: [0.0; 8],
+            steps: 0,
+            images: 0,
+            read_steps: 0,
+            read_images: 0,
+            last_read: Instant::now(),
+        })
+    }
+
+    /// Zeroes the sums for a new epoch (the device buffer in place, without waiting).
+    fn reset(&mut self) -> Result<()> {
+        if let Some(acc) = &self.acc {
+            match acc.storage() {
+                Storage::Cuda(b) => b.write(&[0f32; 8])?,
+                Storage::Cpu(_) => return Err(Error::Cuda("the step statistics are not on the GPU".into())),
+            }
+        }
+        self.live = [0.0; 8];
+        self.sums = [0.0; 8];
+        (self.steps, self.images, self.read_steps, self.read_images) = (0, 0, 0, 0);
+        self.last_read = Instant::now();
+        Ok(())
+    }
+
+    /// Counts a step whose statistics a replayed graph added on the device.
+    fn count_step(&mut self, images: usize) {
+        self.steps += 1;
+        self.images += images;
+    }
+
+    fn record(&mut self, terms: [&Tensor; 7], logits: &Tensor, labels: &[usize]) -> Result<()> {
+        match &mut self.acc {
+            Some(acc) => crate::cuda::optim::accumulate_step_stats(acc, terms, logits, labels)?,
+            None => {
+                for (slot, t) in self.live.iter_mut().zip(terms) {
+                    *slot += t.item()? as f64;
+                }
+                self.live[7] += argmax_hits(logits, labels)? as f64;
+            }
+        }
+        self.count_step(labels.len());
+        Ok(())
+    }
+
+    fn due(&self, last_step: bool) -> bool {
+        read_due(self.device, self.last_read.elapsed(), last_step)
+    }
+
+    /// Brings `sums` up to the last recorded step; an error if the loss became non-finite in the
+    /// steps read now.
+    fn read(&mut self) -> Result<std::result::Result<(), NonFinite>> {
+        let before = self.sums;
+        match &self.acc {
+            Some(acc) => {
+                for (slot, v) in self.sums.iter_mut().zip(acc.to_vec()?) {
+                    *slot = v as f64;
+                }
+            }
+            None => self.sums = self.live,
+        }
+        let window = self.read_steps + 1..=self.steps;
+        self.read_steps = self.steps;
+        self.read_images = self.images;
+        self.last_read = Instant::now();
+        if self.sums[0].is_finite() {
+            return Ok(Ok(()));
+        }
+        let mut terms = [0.0; 7];
+        for (i, t) in terms.iter_mut().enumerate() {
+            *t = self.sums[i] - before[i];
+        }
+        Ok(Err(NonFinite { window, terms }))
+    }
 }
 
 fn argmax_hits(logits: &Tensor, labels: &[usize]) -> Result<usize> {
@@ -286,6 +419,10 @@ impl Trainer {
             log,
             last_eval: None,
             verbose: true,
+            cuda_graph: false,
+            graph: None,
+            warmed_up: false,
+            meter: StepMeter::new(device)?,
         })
     }
 
@@ -312,28 +449,50 @@ impl Trainer {
         )
     }
 
-    /// One optimisation step on a batch; returns the loss terms and the classifier1 hits.
-    fn step(&mut self, batch: Batch, lr: f64, epoch: usize, iteration: usize) -> Result<([f64; 7], usize)> {
+    /// One optimisation step on a batch; its statistics go to the meter. Nothing here waits for
+    /// the GPU. With `cuda_graph`, the first step runs eagerly, the second is captured (and run),
+    /// later ones replay the graph.
+    fn step(&mut self, batch: Batch, lr: f64) -> Result<()> {
         let labels = batch.labels.clone();
-        let x = batch.into_tensor()?.to_device(self.device)?;
-        let mut tape = Tape::new();
-        let mut ctx = Ctx::new(&mut tape, &mut self.store, true);
-        let out = self.model.forward_train(&mut ctx, &Var::constant(x))?;
-        let terms = self.loss.forward(&mut ctx, &out, &labels)?;
-        let mut t = [0.0; 7];
-        for (slot, v) in t.iter_mut().zip([&terms.total, &terms.ce1, &terms.ce2, &terms.tri1, &terms.tri2, &terms.cen1, &terms.cen2]) {
-            *slot = v.value().item()? as f64;
+        let x = batch.into_tensor()?;
+        let net = (&self.model, &self.loss);
+        if self.cuda_graph && self.device == Device::Cuda {
+            if let Some(g) = &mut self.graph {
+                if g.fits(x.numel(), labels.len()) {
+                    g.replay(&mut self.store, &mut self.adam, x.cpu_slice()?, &labels, lr)?;
+                    self.meter.count_step(labels.len());
+                    return Ok(());
+                }
+                let x = x.to_device(self.device)?;
+                return g.run_eager(|| train_step(net, &mut self.meter, &mut self.store, &mut self.adam, &x, &labels, lr));
+            }
+            if self.warmed_up && self.adam.uniform_step().is_some() {
+                let x = x.to_device(self.device)?;
+                let meter = &mut self.meter;
+                let counted = (meter.steps, meter.images);
+                let mut f = |store: &mut ParamStore, adam: &mut Adam, x: &Tensor, labels: &[usize], lr: f64| {
+                    train_step(net, meter, store, adam, x, labels, lr)
+                };
+                match TrainGraph::capture(&mut self.store, &mut self.adam, &x, &labels, lr, &mut f) {
+                    Ok(g) => {
+                        self.log.write("cuda_graph", &serde_json::json!({ "captured": true, "captured_uploads": g.captured_uploads }))?;
+                        self.graph = Some(g);
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        // Nothing ran: uncount the captured step and run it eagerly from now on.
+                        (self.meter.steps, self.meter.images) = counted;
+                        eprintln!("--cuda-graph: {e}; training goes on without the graph");
+                        self.log.write("cuda_graph", &serde_json::json!({ "captured": false, "error": e.to_string() }))?;
+                        self.cuda_graph = false;
+                    }
+                }
+            }
         }
-        if !t[0].is_finite() {
-            return Err(Error::msg(format!(
-                "non-finite loss {} at epoch {epoch}, iteration {iteration} (ce {} / {}, triplet {} / {}, center {} / {}, lr {lr:.2e}); training stopped, checkpoints already written are untouched",
-                t[0], t[1], t[2], t[3], t[4], t[5], t[6]
-            )));
-        }
-        let hits = argmax_hits(out.logits1.value(), &labels)?;
-        let grads = tape.backward(&terms.total)?;
-        self.adam.step(&mut self.store, &grads, lr)?;
-        Ok((t, hits))
+        let x = x.to_device(self.device)?;
+        train_step(net, &mut self.meter, &mut self.store, &mut self.adam, &x, &labels, lr)?;
+        self.warmed_up = true;
+        Ok(())
     }
 
     /// Trains one epoch (the next one).
@@ -355,16 +514,21 @@ impl Trainer {
         pb.set_prefix(format!("epoch {epoch}/{}", self.cfg.optim.epochs));
         let t0 = Instant::now();
         let mut sums = EpochStats { epoch, epochs: self.cfg.optim.epochs, lr, ..EpochStats::default() };
+        self.meter.reset()?;
         for (i, batch) in batches.enumerate() {
             let batch = batch.map_err(|e| {
                 Error::msg(format!("epoch {epoch}, iteration {}: {e} (an unreadable image is fatal: remove or replace it)", i + 1))
             })?;
-            let n = batch.len();
-            let (t, hits) = self.step(batch, lr, epoch, i + 1)?;
-            sums.add(&t, hits, n);
-            sums.seconds = t0.elapsed().as_secs_f64();
-            pb.set_message(sums.averaged().line());
+            self.step(batch, lr)?;
             pb.inc(1);
+            if self.meter.due(i + 1 == total) {
+                if let Err(bad) = self.meter.read()? {
+                    return Err(non_finite_error(&bad, epoch, lr));
+                }
+                sums.set_sums(&self.meter);
+                sums.seconds = t0.elapsed().as_secs_f64();
+                pb.set_message(sums.averaged().line());
+            }
         }
         pb.finish_and_clear();
         self.epoch = epoch;
@@ -444,6 +608,42 @@ impl Trainer {
     }
 }
 
+/// Forward, the PLR loss, statistics into `meter`, backward and Adam on one batch already on the
+/// training device.
+fn train_step(
+    (model, loss): (&PlrOsnet, &PlrLoss),
+    meter: &mut StepMeter,
+    store: &mut ParamStore,
+    adam: &mut Adam,
+    x: &Tensor,
+    labels: &[usize],
+    lr: f64,
+) -> Result<()> {
+    let mut tape = Tape::new();
+    let mut ctx = Ctx::new(&mut tape, store, true);
+    let out = model.forward_train(&mut ctx, &Var::constant(x.clone()))?;
+    let terms = loss.forward(&mut ctx, &out, labels)?;
+    let values = [&terms.total, &terms.ce1, &terms.ce2, &terms.tri1, &terms.tri2, &terms.cen1, &terms.cen2].map(Var::value);
+    meter.record(values, out.logits1.value(), labels)?;
+    drop(out);
+    let grads = tape.backward(&terms.total)?;
+    drop(terms);
+    adam.step(store, &grads, lr)
+}
+
+/// The error that stops training on a non-finite loss. On the GPU the loss is checked when the
+/// sums are read (about once a second and at the end of every epoch, so always before the next
+/// checkpoint), so it names the iterations since the previous read.
+fn non_finite_error(bad: &NonFinite, epoch: usize, lr: f64) -> Error {
+    let (a, b) = (*bad.window.start(), *bad.window.end());
+    let at = if a == b { format!("iteration {a}") } else { format!("one of iterations {a}..={b} (checked together on the GPU)") };
+    let t = &bad.terms;
+    Error::msg(format!(
+        "non-finite loss at epoch {epoch}, {at} (sums there: loss {}, ce {} / {}, triplet {} / {}, center {} / {}; lr {lr:.2e}); training stopped, checkpoints already written are untouched",
+        t[0], t[1], t[2], t[3], t[4], t[5], t[6]
+    ))
+}
+
 /// Runs the model once on a blank image, so that an input size the stripes cannot split fails
 /// here, naming the flags, instead of at the first batch.
 fn check_input_size(model: &PlrOsnet, store: &mut ParamStore, height: u32, width: u32) -> Result<()> {
@@ -456,4 +656,71 @@ fn check_input_size(model: &PlrOsnet, store: &mut ParamStore, height: u32, width
             model.config.parts
         ))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpu_reads_once_a_second_and_at_the_epoch_end() {
+        let (soon, late) = (Duration::from_millis(300), READ_EVERY + Duration::from_millis(1));
+        assert!(!read_due(Device::Cuda, soon, false));
+        assert!(read_due(Device::Cuda, soon, true));
+        assert!(read_due(Device::Cuda, late, false));
+        assert!(read_due(Device::Cpu, soon, false), "the CPU reads every step");
+    }
+
+    /// Records steps of random terms into a CPU meter, reading only where `reads` says.
+    fn run_meter(terms: &[[f32; 7]], reads: &[usize]) -> (StepMeter, Vec<std::result::Result<(), NonFinite>>) {
+        let mut m = StepMeter::new(Device::Cpu).unwrap();
+        // Three rows, four classes: rows 0 and 2 have their maximum at the label.
+        let logits = Tensor::from_vec(vec![5.0, 1.0, 0.0, 0.0, 0.0, 1.0, 3.0, 0.0, 0.0, 0.0, 0.0, 2.0], &[3, 4]).unwrap();
+        let labels = [0, 1, 3];
+        let mut results = Vec::new();
+        for (i, t) in terms.iter().enumerate() {
+            let ts: Vec<Tensor> = t.iter().map(|&v| Tensor::from_vec(vec![v], &[1]).unwrap()).collect();
+            m.record(std::array::from_fn(|k| &ts[k]), &logits, &labels).unwrap();
+            if reads.contains(&(i + 1)) {
+                results.push(m.read().unwrap());
+            }
+        }
+        (m, results)
+    }
+
+    #[test]
+    fn meter_sums_terms_and_hits_over_the_read_steps() {
+        let mut rng = Rng::new(5);
+        let terms: Vec<[f32; 7]> = (0..5).map(|_| std::array::from_fn(|_| rng.uniform_range(0.0, 3.0) as f32)).collect();
+        let (m, results) = run_meter(&terms, &[2, 5]);
+        assert!(results.iter().all(|r| r.is_ok()));
+        assert_eq!((m.read_steps, m.read_images), (5, 15));
+        for k in 0..7 {
+            let want: f64 = terms.iter().map(|t| t[k] as f64).sum();
+            assert!((m.sums[k] - want).abs() <= 1e-12 * want.abs().max(1.0), "term {k}: {} vs {want}", m.sums[k]);
+        }
+        assert_eq!(m.sums[7], 10.0, "two hits per step");
+        let mut stats = EpochStats::default();
+        stats.set_sums(&m);
+        let avg = stats.averaged();
+        assert_eq!(avg.iterations, 5);
+        assert!((avg.acc - 2.0 / 3.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn non_finite_loss_names_the_window_read() {
+        let mut terms = vec![[1.0f32; 7]; 6];
+        terms[3][0] = f32::NAN; // iteration 4
+        terms[3][4] = f32::INFINITY;
+        let (_, results) = run_meter(&terms, &[2, 6]);
+        assert!(results[0].is_ok());
+        let bad = results[1].as_ref().unwrap_err();
+        assert_eq!(bad.window, 3..=6);
+        assert!(bad.terms[0].is_nan() && bad.terms[4].is_infinite());
+        assert_eq!(bad.terms[1], 4.0, "finite terms are summed over the window");
+        let e = non_finite_error(bad, 7, 3.5e-4).to_string();
+        assert!(e.contains("epoch 7, one of iterations 3..=6"), "{e}");
+        let one = NonFinite { window: 4..=4, terms: bad.terms };
+        assert!(non_finite_error(&one, 7, 3.5e-4).to_string().contains("epoch 7, iteration 4 "));
+    }
 }

@@ -1,4 +1,6 @@
-//! CUDA launchers of kernels/loss.cu. The triplet loss's Gram matrix comes from cuBLAS.
+//! CUDA launchers of kernels/loss.cu. The triplet loss's Gram matrix comes from cuBLAS. Labels are
+//! read by the kernels from a device buffer (`cuda::labels`), never passed as values derived from
+//! them, so that a captured CUDA graph replays right on another batch's labels.
 
 use crate::cuda::cublas::{gemm, Gemm};
 use crate::cuda::{self, empty, grid_for, int, launch, ptr, warp_grid, Arg, BLOCK};
@@ -83,11 +85,6 @@ pub(super) fn triplet_soft_margin_backward(dloss: &Tensor, x: &Tensor, labels: &
     Ok(dx)
 }
 
-/// Samples whose label has a center (label < K).
-fn with_center(labels: &[usize], k: usize) -> usize {
-    labels.iter().filter(|&&l| l < k).count()
-}
-
 pub(super) fn center_loss_forward(x: &Tensor, labels: &[usize], centers: &Tensor) -> Result<Tensor> {
     let (n, d) = x.dims2("center_loss")?;
     let k = centers.shape()[0];
@@ -98,7 +95,7 @@ pub(super) fn center_loss_forward(x: &Tensor, labels: &[usize], centers: &Tensor
         "center_forward",
         1,
         BLOCK,
-        &[Arg::Ptr(ptr(x)?), Arg::Ptr(ptr(centers)?), Arg::Ptr(y.ptr()), Arg::Ptr(pl), int(n), int(d), int(k), int(with_center(labels, k))],
+        &[Arg::Ptr(ptr(x)?), Arg::Ptr(ptr(centers)?), Arg::Ptr(y.ptr()), Arg::Ptr(pl), int(n), int(d), int(k)],
     )?;
     Ok(loss)
 }
@@ -115,17 +112,7 @@ pub(super) fn center_loss_backward(dloss: &Tensor, x: &Tensor, labels: &[usize],
         "center_coef",
         warp_grid(n),
         BLOCK,
-        &[
-            Arg::Ptr(px),
-            Arg::Ptr(pc),
-            Arg::Ptr(y.ptr()),
-            Arg::Ptr(ptr(dloss)?),
-            Arg::Ptr(pcoef),
-            int(n),
-            int(d),
-            int(k),
-            int(with_center(labels, k)),
-        ],
+        &[Arg::Ptr(px), Arg::Ptr(pc), Arg::Ptr(y.ptr()), Arg::Ptr(ptr(dloss)?), Arg::Ptr(pcoef), int(n), int(d), int(k)],
     )?;
     let (dx, pdx) = empty(x.shape())?;
     launch(
