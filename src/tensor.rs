@@ -221,6 +221,21 @@ impl Tensor {
         }
     }
 
+    /// An op's f32 result as `dtype`, the dtype of its activation inputs: f32 stays as it is, bf16
+    /// rounds each element once (in place unless the buffer is shared). This is the CPU backend's
+    /// "bf16 storage, f32 arithmetic": the op computed in f32 on bf16-valued inputs.
+    pub(crate) fn rounded_to(mut self, dtype: DType) -> Result<Tensor> {
+        if self.dtype == dtype {
+            return Ok(self);
+        }
+        if self.dtype == DType::F32 && dtype == DType::BF16 && self.device() == Device::Cpu {
+            self.cpu_slice_mut()?.iter_mut().for_each(|v| *v = round_bf16(*v));
+            self.dtype = DType::BF16;
+            return Ok(self);
+        }
+        self.to_dtype(dtype)
+    }
+
     /// The single value of a one-element tensor.
     pub fn item(&self) -> Result<f32> {
         if self.numel() != 1 {
@@ -275,6 +290,20 @@ impl Tensor {
             return Err(Error::DType { op, dtype: self.dtype });
         }
         Ok(dev)
+    }
+
+    /// Errors unless every tensor of `f32_operands` is f32 and on `dev`: the operands that stay f32
+    /// whatever the activation dtype (BatchNorm parameters and statistics, conv bias).
+    pub fn check_f32_on(op: &'static str, dev: Device, f32_operands: &[&Tensor]) -> Result<()> {
+        for t in f32_operands {
+            if t.dtype != DType::F32 {
+                return Err(Error::DTypeMismatch { op, a: DType::F32, b: t.dtype });
+            }
+            if t.device() != dev {
+                return Err(Error::DeviceMismatch { op, a: dev, b: t.device() });
+            }
+        }
+        Ok(())
     }
 
     /// Errors unless every tensor has `self`'s dtype (f32 or bf16) and device; returns the device.
