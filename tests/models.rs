@@ -10,7 +10,7 @@ use std::process::Command;
 use plr_engine::data::image::load_test_image;
 use plr_engine::io::weights::{save_state_dict, TensorFile};
 use plr_engine::models::*;
-use plr_engine::nn::Ctx;
+use plr_engine::nn::{Ctx, Precision};
 use plr_engine::ops::loss;
 use plr_engine::params::Kind;
 use plr_engine::rng::Rng;
@@ -655,7 +655,7 @@ fn plr_on_cuda_matches_cpu() {
             path
         })
         .collect();
-    let embed = |device| plr_engine::cli::embed::embed_files(&weights, &files, device, 2, 256, 128).unwrap();
+    let embed = |device| plr_engine::cli::embed::embed_files(&weights, &files, device, Precision::F32, 2, 256, 128).unwrap();
     let ((a, da), (b, db)) = (embed(Device::Cpu), embed(Device::Cuda));
     assert_eq!((da, db), (2560, 2560));
     let err = norm_rel_err(&a, &b);

@@ -9,6 +9,7 @@ use plr_engine::cli::eval::{evaluate_weights, EvalArgs};
 use plr_engine::cli::train::TrainArgs;
 use plr_engine::data::synth::{generate, SynthConfig};
 use plr_engine::io::weights::{load_plr, TensorFile};
+use plr_engine::nn::Precision;
 use plr_engine::train::checkpoint::{self, Checkpoint};
 use plr_engine::train::{PartialConfig, TrainConfig, Trainer};
 use plr_engine::Tensor;
@@ -161,6 +162,35 @@ fn config_errors_name_the_key() {
     assert_eq!(flags(&["--device", "auto"]).device, Some(DeviceChoice::Auto));
 }
 
+#[test]
+fn precision_from_flag_file_saved_config_and_resume() {
+    let none = PartialConfig::default();
+    let q = TrainConfig::resolve(&none, &none).unwrap();
+    assert_eq!((q.run.precision.as_str(), q.precision().unwrap()), ("f32", Precision::F32));
+
+    let b = TrainConfig::resolve(&none, &flags(&["--precision", "bf16"]).overrides()).unwrap();
+    assert_eq!(b.precision().unwrap(), Precision::Bf16);
+    let text = b.to_toml().unwrap();
+    assert!(text.contains("precision = \"bf16\""), "{text}");
+    assert_eq!(TrainConfig::from_toml(&text, "saved").unwrap(), b);
+    let file = PartialConfig::from_toml("[run]\nprecision = \"bf16\"\n", "my.toml").unwrap();
+    assert_eq!(TrainConfig::resolve(&file, &none).unwrap().precision().unwrap(), Precision::Bf16);
+
+    // A resumed run keeps its precision unless a flag changes it.
+    assert_eq!(b.clone().resolve_on(&none, &none).unwrap().precision().unwrap(), Precision::Bf16);
+    let f = b.clone().resolve_on(&none, &flags(&["--precision", "f32"]).overrides()).unwrap();
+    assert_eq!(f.precision().unwrap(), Precision::F32);
+    // A configuration saved before the key existed means f32.
+    let old: String = q.to_toml().unwrap().lines().filter(|l| !l.starts_with("precision")).map(|l| format!("{l}\n")).collect();
+    assert_eq!(TrainConfig::from_toml(&old, "old").unwrap(), q);
+
+    let bad = PartialConfig::from_toml("[run]\nprecision = \"fp8\"\n", "my.toml").unwrap();
+    let e = err_text(TrainConfig::resolve(&bad, &none));
+    assert!(e.contains("run.precision") && e.contains("fp8") && e.contains("bf16"), "{e}");
+    let e = Cmd::try_parse_from(["train", "--precision", "fp8"]).err().expect("an unknown precision is a CLI error").to_string();
+    assert!(e.contains("--precision") && e.contains("fp8"), "{e}");
+}
+
 /// Every store entry and the optimizer state of two trainers, compared exactly.
 fn assert_same_state(a: &Trainer, b: &Trainer) {
     assert_eq!(a.epoch, b.epoch);
@@ -298,6 +328,7 @@ fn training_on_synthetic_data_raises_map_and_eval_command_agrees() {
         data: dir.join("data"),
         dataset: "market1501".into(),
         device: DeviceChoice::Cpu,
+        precision: Precision::F32,
         height: None,
         width_px: None,
         batch_size: 50,
@@ -393,6 +424,7 @@ fn bad_input_gives_clear_errors() {
         data: dir.join("data"),
         dataset: dataset.into(),
         device: DeviceChoice::Cpu,
+        precision: Precision::F32,
         height: None,
         width_px: None,
         batch_size: 8,

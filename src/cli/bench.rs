@@ -15,7 +15,7 @@ use serde_json::json;
 use super::device::{resolve_device, DeviceChoice};
 use crate::error::{Error, Result};
 use crate::models::{channels_for_width, PlrConfig, PlrLoss, PlrLossConfig, PlrOsnet};
-use crate::nn::Ctx;
+use crate::nn::{Ctx, Precision};
 use crate::optim::{Adam, AdamConfig};
 use crate::params::ParamStore;
 use crate::profile::{self, Family, Phase};
@@ -28,6 +28,9 @@ use crate::tensor::{Device, Tensor};
 pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
+    /// f32, or bf16 mixed precision (f32 master weights).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
     /// Identities per training batch.
     #[arg(long, default_value_t = 16)]
     pub batch_ids: usize,
@@ -131,6 +134,7 @@ struct Bench {
     loss: PlrLoss,
     store: ParamStore,
     adam: Adam,
+    precision: Precision,
 }
 
 /// Peak learning rate of the official schedule.
@@ -140,7 +144,7 @@ impl Bench {
     fn train_step(&mut self, x: &Var, labels: &[usize]) -> Result<Tensor> {
         let mut tape = Tape::new();
         let total = {
-            let mut ctx = Ctx::new(&mut tape, &mut self.store, true);
+            let mut ctx = Ctx::new(&mut tape, &mut self.store, true).with_precision(self.precision);
             let out = self.model.forward_train(&mut ctx, x)?;
             self.loss.forward(&mut ctx, &out, labels)?.total
         };
@@ -152,7 +156,7 @@ impl Bench {
 
     fn eval_forward(&mut self, x: &Var) -> Result<Tensor> {
         let mut tape = Tape::no_grad();
-        let mut ctx = Ctx::new(&mut tape, &mut self.store, false);
+        let mut ctx = Ctx::new(&mut tape, &mut self.store, false).with_precision(self.precision);
         Ok(self.model.forward_eval(&mut ctx, x)?.into_value())
     }
 }
@@ -216,14 +220,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let params = store.count_params(|_| true);
     let loss = PlrLoss::new(&mut store, PlrLossConfig::new(args.classes), config.local_dim(), config.global_dim(), &mut rng)?;
     store.to_device(device)?;
-    let mut bench = Bench { model, loss, store, adam: Adam::new(AdamConfig::default()) };
+    let mut bench = Bench { model, loss, store, adam: Adam::new(AdamConfig::default()), precision: args.precision };
     println!(
-        "model: PLR-OSNet x{} ({:.2} M parameters, {} classes), input 3x{}x{}",
+        "model: PLR-OSNet x{} ({:.2} M parameters, {} classes), input 3x{}x{}, {}",
         args.width,
         params as f64 / 1e6,
         args.classes,
         args.height,
-        args.width_px
+        args.width_px,
+        args.precision.name()
     );
 
     // Inference first, so that its peak holds only the parameters and the activations.
@@ -282,6 +287,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "device_name": device_desc,
             "threads": rayon::current_num_threads(),
             "model": { "width": args.width, "params": params, "classes": args.classes, "height": args.height, "width_px": args.width_px },
+            "precision": args.precision.name(),
             "warmup": plan.warmup,
             "iters": plan.iters,
             "train": {

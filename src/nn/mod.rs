@@ -15,10 +15,11 @@ use crate::tensor::DType;
 /// convolution weights and the backbone's activations are bf16; the master weights, BatchNorm
 /// parameters and statistics, the position attention's matrix products and softmax, and
 /// everything from the pooled features on (BN neck, classifiers, losses, eval features) stay f32.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
 pub enum Precision {
     #[default]
     F32,
+    /// bf16 mixed precision.
     Bf16,
 }
 

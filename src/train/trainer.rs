@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use super::checkpoint::{self, Checkpoint, Snapshot};
 use super::config::TrainConfig;
-use super::evaluate::{evaluate_model, EvalReport};
+use super::evaluate::{evaluate_model, EvalReport, FeatureRun};
 use crate::cli::device::resolve_device;
 use crate::data::dataset::Dataset;
 use crate::data::loader::{derive_seed, Batch, Loader, LoaderConfig};
@@ -293,7 +293,7 @@ impl Trainer {
     pub fn describe(&self) -> String {
         let c = &self.cfg;
         format!(
-            "PLR-OSNet x{} ({} parameters, {} classes), input {}x{}, batches {}x{}, epochs {}..{} of {}, lr {:.2e} (x{} warm-up over {} epochs), {} on {}",
+            "PLR-OSNet x{} ({} parameters, {} classes), input {}x{}, batches {}x{}, epochs {}..{} of {}, lr {:.2e} (x{} warm-up over {} epochs), {} on {}, {}",
             c.model.width,
             self.store.count_params(|n| !n.starts_with("loss.")),
             self.dataset.num_train_pids,
@@ -308,7 +308,8 @@ impl Trainer {
             c.optim.warmup_multiplier,
             c.optim.warmup_epochs + 1,
             self.dataset.kind.name(),
-            self.device
+            self.device,
+            c.run.precision
         )
     }
 
@@ -317,7 +318,7 @@ impl Trainer {
         let labels = batch.labels.clone();
         let x = batch.into_tensor()?.to_device(self.device)?;
         let mut tape = Tape::new();
-        let mut ctx = Ctx::new(&mut tape, &mut self.store, true);
+        let mut ctx = Ctx::new(&mut tape, &mut self.store, true).with_precision(self.cfg.precision()?);
         let out = self.model.forward_train(&mut ctx, &Var::constant(x))?;
         let terms = self.loss.forward(&mut ctx, &out, &labels)?;
         let mut t = [0.0; 7];
@@ -379,7 +380,8 @@ impl Trainer {
     /// Evaluates the current model on query and gallery; logs and prints the table.
     pub fn evaluate(&mut self) -> Result<EvalReport> {
         let name = super::config::dataset_name(self.dataset.kind);
-        let report = evaluate_model(&self.model, &mut self.store, name, &self.query, &self.gallery, self.cfg.data.test_batch, self.device)?;
+        let run = FeatureRun { batch: self.cfg.data.test_batch, device: self.device, precision: self.cfg.precision()? };
+        let report = evaluate_model(&self.model, &mut self.store, name, &self.query, &self.gallery, run)?;
         if self.verbose {
             println!("evaluation after epoch {}:\n{}", self.epoch, report.table());
         }
