@@ -10,6 +10,7 @@ use plr_engine::cli::train::TrainArgs;
 use plr_engine::data::synth::{generate, SynthConfig};
 use plr_engine::io::weights::{load_plr, TensorFile};
 use plr_engine::nn::Precision;
+use plr_engine::tensor::DType;
 use plr_engine::train::checkpoint::{self, Checkpoint};
 use plr_engine::train::{PartialConfig, TrainConfig, Trainer};
 use plr_engine::Tensor;
@@ -495,5 +496,70 @@ fn init_osnet_copies_the_backbone_or_names_the_mismatch() {
     assert!(e.contains("x10.safetensors") && e.contains("no weight fits") && e.contains("0.25") && e.contains("shape"), "{e}");
     let e = err_text(with_init(&dir.join("absent.safetensors")));
     assert!(e.contains("absent.safetensors"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A bf16 run of the end-to-end configuration above: it learns (the f32 run's bar), keeps f32
+/// master weights and records its precision. Its mAP is not compared with the f32 run's here:
+/// at this size the seed alone moves the final mAP by several points (f32, seeds 1 and 2 at 50
+/// epochs: 79.4% and 75.0%), so a one-point comparison would only measure noise; the quick start
+/// below, converged to ~94%, makes it.
+#[test]
+fn bf16_training_learns_and_keeps_f32_master_weights() {
+    let dir = temp_dir("bf16");
+    synth(&dir.join("data"), 80, 10, 1);
+    let mut cfg = tiny_config(&dir.join("data"), &dir.join("out"));
+    cfg.data.batch_ids = 8;
+    cfg.data.instances = 4;
+    cfg.optim.epochs = 25;
+    cfg.optim.warmup_epochs = 3;
+    cfg.optim.milestones = vec![16];
+    cfg.run.seed = 1;
+    cfg.run.save_freq = 0;
+    cfg.run.eval_before_training = true;
+    cfg.run.precision = "bf16".into();
+    let mut t = quiet(Trainer::new(cfg, None).unwrap());
+    assert!(t.describe().ends_with("bf16"), "{}", t.describe());
+    let summary = t.run().unwrap();
+    let (before, after) = (summary.before.unwrap().metrics, summary.after.unwrap().metrics);
+    println!("bf16: mAP {:.3} -> {:.3}, rank-1 {:.3} -> {:.3}", before.map, after.map, before.rank1, after.rank1);
+    assert!(
+        after.map > before.map + 0.2 && after.rank1 > before.rank1 + 0.2,
+        "bf16 did not learn: mAP {:.3} -> {:.3}",
+        before.map,
+        after.map
+    );
+    assert!(t.store.entries().iter().all(|e| e.value.dtype() == DType::F32), "master weights must stay f32");
+    let ckpt = Checkpoint::read(&summary.checkpoints[0]).unwrap();
+    assert_eq!(ckpt.meta.config.precision().unwrap(), Precision::Bf16);
+    let log = std::fs::read_to_string(dir.join("out/log.jsonl")).unwrap();
+    assert!(log.lines().next().unwrap().contains("\"precision\":\"bf16\""), "the start event records the precision");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The criterion: trained with bf16 mixed precision, the quick start reaches the mAP of
+/// the same f32 run, not more than one point lower. About 6 minutes on 2 cores, so not in the
+/// default suite: `cargo test --release --test train -- --ignored bf16_quick_start`. Measured
+/// first (2026-11-24, CPU, `plr-engine train [--precision bf16] [--seed 2]`): f32 seed 1 mAP 93.2%
+/// (rank-1 97.4%), f32 seed 2 94.2% (99.4%): the seed alone moves it by a point, so bf16 is held
+/// to "not worse by more than a point" rather than to a two-sided bound; bf16 seed 1: 94.7% (98.7%).
+#[test]
+#[ignore]
+fn bf16_quick_start_reaches_the_map_of_f32() {
+    let dir = temp_dir("bf16-quickstart");
+    let run = |precision: &str| {
+        let mut cfg = TrainConfig::quickstart();
+        cfg.run.output = dir.join(precision);
+        cfg.run.device = "cpu".into();
+        cfg.run.eval_before_training = false;
+        cfg.run.eval_freq = 0;
+        cfg.run.precision = precision.into();
+        quiet(Trainer::new(cfg, None).unwrap()).run().unwrap().after.unwrap().metrics
+    };
+    let (f, b) = (run("f32"), run("bf16"));
+    println!("f32: mAP {:.3} rank-1 {:.3}; bf16: mAP {:.3} rank-1 {:.3}", f.map, f.rank1, b.map, b.rank1);
+    assert!(f.map > 0.85, "the f32 run is not converged (mAP {:.3})", f.map);
+    assert!(b.map >= f.map - 0.01, "bf16 mAP {:.3} is more than a point below f32's {:.3}", b.map, f.map);
+    assert!(b.rank1 >= f.rank1 - 0.01, "bf16 rank-1 {:.3} is more than a point below f32's {:.3}", b.rank1, f.rank1);
     std::fs::remove_dir_all(&dir).unwrap();
 }
