@@ -133,9 +133,9 @@ pub fn check_bf16_op(name: &str, inputs: &[Tensor], activation: &[bool], out: &[
         assert!(same, "{name}: output {k} is not the f32 result rounded once to {dtype}");
     }
     let activations = activation.iter().filter(|&&a| a).count();
-    for i in 0..inputs.len() {
+    for (i, &is_activation) in activation.iter().enumerate() {
         // Making the only activation f32 is the valid all-f32 call.
-        if activation[i] && activations < 2 {
+        if is_activation && activations < 2 {
             continue;
         }
         match op(&with_dtypes(Some(i))) {

@@ -299,7 +299,7 @@ fn bf16_elementwise_ops_round_the_f32_result_once() {
     let x = randn(&[2, 3, 4, 5], 61);
     let dy = randn(&[2, 3, 4, 5], 62);
     let unary = |t: &[Tensor]| -> Result<Vec<Tensor>> { Ok(vec![relu_forward(&t[0])?, sigmoid_forward(&t[0])?, scale(&t[0], 0.3)?]) };
-    check_bf16_op("relu/sigmoid/scale", &[x.clone()], &[true], &[BF16; 3], unary);
+    check_bf16_op("relu/sigmoid/scale", std::slice::from_ref(&x), &[true], &[BF16; 3], unary);
     // The backward ops take the forward outputs as inputs.
     let (relu_y, sigmoid_y) = (relu_forward(&x).unwrap(), sigmoid_forward(&x).unwrap());
     check_bf16_op("relu_backward/sigmoid_backward", &[dy.clone(), relu_y, sigmoid_y], &[true, true, true], &[BF16; 2], |t| {
@@ -313,7 +313,7 @@ fn bf16_elementwise_ops_round_the_f32_result_once() {
             let (da, db) = mul_backward(&t[0], &t[1], &t[2])?;
             Ok(vec![da, db])
         });
-        check_bf16_op("sum_to_shape", &[x.clone()], &[true], &[BF16], |t| Ok(vec![sum_to_shape(&t[0], b_shape)?]));
+        check_bf16_op("sum_to_shape", std::slice::from_ref(&x), &[true], &[BF16], |t| Ok(vec![sum_to_shape(&t[0], b_shape)?]));
         check_bf16_op("broadcast_to", &[b], &[true], &[BF16], |t| Ok(vec![broadcast_to(&t[0], x.shape())?]));
     }
     let y = randn(&[2, 2, 4, 5], 64);

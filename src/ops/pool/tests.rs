@@ -223,21 +223,23 @@ fn bf16_pools_round_the_f32_result_once() {
     for cfg in [Pool2dCfg::new(3, 2, 1), Pool2dCfg::new(2, 2, 0)] {
         let y_shape = pool2d_output_shape("test", &shape, cfg).unwrap();
         let dy = dy_of(&y_shape, &mut rng);
-        check_bf16_op("max_pool2d_forward", &[x.clone()], &[true], &[BF16], |t| Ok(vec![max_pool2d_forward(&t[0], cfg)?]));
+        check_bf16_op("max_pool2d_forward", std::slice::from_ref(&x), &[true], &[BF16], |t| Ok(vec![max_pool2d_forward(&t[0], cfg)?]));
         check_bf16_op("max_pool2d_backward", &[dy.clone(), x.clone()], &[true, true], &[BF16], |t| {
             Ok(vec![max_pool2d_backward(&t[0], &t[1], cfg)?])
         });
-        check_bf16_op("avg_pool2d_forward", &[x.clone()], &[true], &[BF16], |t| Ok(vec![avg_pool2d_forward(&t[0], cfg)?]));
+        check_bf16_op("avg_pool2d_forward", std::slice::from_ref(&x), &[true], &[BF16], |t| Ok(vec![avg_pool2d_forward(&t[0], cfg)?]));
         check_bf16_op("avg_pool2d_backward", &[dy], &[true], &[BF16], |t| Ok(vec![avg_pool2d_backward(&t[0], &shape, cfg)?]));
     }
     let dy = dy_of(&[2, 3, 1, 1], &mut rng);
-    check_bf16_op("global_avg_pool_forward", &[x.clone()], &[true], &[BF16], |t| Ok(vec![global_avg_pool_forward(&t[0])?]));
-    check_bf16_op("global_avg_pool_backward", &[dy.clone()], &[true], &[BF16], |t| Ok(vec![global_avg_pool_backward(&t[0], &shape)?]));
-    check_bf16_op("global_max_pool_forward", &[x.clone()], &[true], &[BF16], |t| Ok(vec![global_max_pool_forward(&t[0])?]));
+    check_bf16_op("global_avg_pool_forward", std::slice::from_ref(&x), &[true], &[BF16], |t| Ok(vec![global_avg_pool_forward(&t[0])?]));
+    check_bf16_op("global_avg_pool_backward", std::slice::from_ref(&dy), &[true], &[BF16], |t| {
+        Ok(vec![global_avg_pool_backward(&t[0], &shape)?])
+    });
+    check_bf16_op("global_max_pool_forward", std::slice::from_ref(&x), &[true], &[BF16], |t| Ok(vec![global_max_pool_forward(&t[0])?]));
     check_bf16_op("global_max_pool_backward", &[dy, x.clone()], &[true, true], &[BF16], |t| {
         Ok(vec![global_max_pool_backward(&t[0], &t[1])?])
     });
     let dy = dy_of(&[2, 4 * 3], &mut rng);
-    check_bf16_op("stripe_avg_pool_forward", &[x.clone()], &[true], &[BF16], |t| Ok(vec![stripe_avg_pool_forward(&t[0], 4)?]));
+    check_bf16_op("stripe_avg_pool_forward", std::slice::from_ref(&x), &[true], &[BF16], |t| Ok(vec![stripe_avg_pool_forward(&t[0], 4)?]));
     check_bf16_op("stripe_avg_pool_backward", &[dy], &[true], &[BF16], |t| Ok(vec![stripe_avg_pool_backward(&t[0], &shape, 4)?]));
 }
