@@ -538,7 +538,7 @@ fn bf16_training_learns_and_keeps_f32_master_weights() {
 }
 
 /// The criterion: trained with bf16 mixed precision, the quick start reaches the mAP of
-/// the same f32 run, not more than one point lower. About 6 minutes on 2 cores, so not in the
+/// the same f32 run, not more than one point lower. About 3 to 6 minutes on 2 cores, so not in the
 /// default suite: `cargo test --release --test train -- --ignored bf16_quick_start`. Measured
 /// first (2026-11-24, CPU, `plr-engine train [--precision bf16] [--seed 2]`): f32 seed 1 mAP 93.2%
 /// (rank-1 97.4%), f32 seed 2 94.2% (99.4%): the seed alone moves it by a point, so bf16 is held
