@@ -4,7 +4,7 @@
 use crate::error::{Error, Result};
 use crate::rng::Rng;
 use crate::tape::{Tape, Var};
-use crate::tensor::Tensor;
+use crate::tensor::{DType, Tensor};
 
 /// Settings of `gradcheck`.
 #[derive(Clone, Copy, Debug)]
@@ -105,6 +105,44 @@ pub fn gradcheck(inputs: &[Tensor], f: impl Fn(&mut Tape, &[Var]) -> Result<Var>
         }
     }
     Ok(())
+}
+
+/// Checks an op against the bf16 contract on the CPU. `inputs` are f32 values; `activation[i]`
+/// says whether input i is an activation (passed as bf16) or an always-f32 operand. `op` runs on
+/// the bf16 inputs and on the same values as f32: its output k must have dtype `out[k]` and equal,
+/// bit for bit, the f32 run's output rounded once to that dtype (both compute in f32 from the
+/// same values). Every mixed call (one of several activations left f32, or an f32 operand passed
+/// as bf16) must fail with a dtype mismatch.
+pub fn check_bf16_op(name: &str, inputs: &[Tensor], activation: &[bool], out: &[DType], op: impl Fn(&[Tensor]) -> Result<Vec<Tensor>>) {
+    assert_eq!(inputs.len(), activation.len(), "{name}: one activation flag per input");
+    let with_dtypes = |flip: Option<usize>| -> Vec<Tensor> {
+        let dtype = |i: usize| if activation[i] != (flip == Some(i)) { DType::BF16 } else { DType::F32 };
+        inputs.iter().enumerate().map(|(i, t)| t.to_dtype(dtype(i)).expect("cpu cast")).collect()
+    };
+    let xb = with_dtypes(None);
+    let xf: Vec<Tensor> = xb.iter().map(|t| t.to_dtype(DType::F32).expect("cpu cast")).collect();
+    let yb = op(&xb).unwrap_or_else(|e| panic!("{name} on bf16 inputs: {e}"));
+    let yf = op(&xf).unwrap_or_else(|e| panic!("{name} on f32 inputs: {e}"));
+    assert_eq!(yb.len(), out.len(), "{name}: number of outputs");
+    for (k, ((b, f), &dtype)) in yb.iter().zip(&yf).zip(out).enumerate() {
+        assert_eq!(b.dtype(), dtype, "{name}: dtype of output {k}");
+        assert_eq!(f.dtype(), DType::F32, "{name}: dtype of output {k} of the f32 call");
+        let want = f.to_dtype(dtype).and_then(|t| t.to_vec()).expect("cpu values");
+        let got = b.to_vec().expect("cpu values");
+        let same = got.len() == want.len() && got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits());
+        assert!(same, "{name}: output {k} is not the f32 result rounded once to {dtype}");
+    }
+    let activations = activation.iter().filter(|&&a| a).count();
+    for (i, &is_activation) in activation.iter().enumerate() {
+        // Making the only activation f32 is the valid all-f32 call.
+        if is_activation && activations < 2 {
+            continue;
+        }
+        match op(&with_dtypes(Some(i))) {
+            Err(Error::DTypeMismatch { .. }) => {}
+            other => panic!("{name}: input {i} of the other dtype should be a dtype mismatch, got {:?}", other.map(|_| ())),
+        }
+    }
 }
 
 /// Whether a GPU test can run. Without a usable GPU it prints the test's one `SKIP: <test>: <reason>`

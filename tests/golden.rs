@@ -12,9 +12,11 @@ use std::path::Path;
 
 use plr_engine::io::weights::{apply_state_dict, detect_model, ModelKind, TensorFile};
 use plr_engine::models::*;
-use plr_engine::nn::Ctx;
+use plr_engine::nn::{Ctx, Precision};
 use plr_engine::params::Kind;
 use plr_engine::rng::Rng;
+use plr_engine::tape::Grads;
+use plr_engine::tensor::DType;
 use plr_engine::testing::cuda_or_skip;
 use plr_engine::testing::norm_rel_err;
 use plr_engine::{Device, ParamStore, Tape, Tensor, Var};
@@ -65,49 +67,94 @@ fn plr_small_golden_on_cuda() {
     }
 }
 
+/// The x0.25 fixture loaded into a model and loss on `device`, with its batch's labels.
+struct PlrSmall {
+    f: TensorFile,
+    store: ParamStore,
+    model: PlrOsnet,
+    lossfn: PlrLoss,
+    labels: Vec<usize>,
+    input: Var,
+}
+
+/// Outputs of one eval forward and one training step of the fixture.
+struct PlrSmallRun {
+    feature: Tensor,
+    out: PlrTrainOutput,
+    terms: PlrLossTerms,
+    grads: Grads,
+}
+
+impl PlrSmall {
+    fn load(device: Device) -> PlrSmall {
+        let f = fixture("plr_small.safetensors");
+        let channels = channels_for_width(meta(&f, "width")).unwrap();
+        let config = PlrConfig { channels, num_classes: meta(&f, "num_classes"), parts: meta(&f, "parts") };
+        assert_eq!(f.tensor("input").unwrap().shape(), [meta::<usize>(&f, "batch"), 3, meta(&f, "height"), meta(&f, "width_px")]);
+        let mut store = ParamStore::new();
+        let model = PlrOsnet::new(&mut store, config, &mut Rng::new(0)).unwrap();
+        apply_state_dict(&mut store, &f, "weights.").unwrap();
+        assert_eq!(detect_model(&f, "weights.").unwrap(), ModelKind::PlrOsnet(config));
+        let loss_cfg = PlrLossConfig::new(meta(&f, "center_classes"));
+        let lossfn = PlrLoss::new(&mut store, loss_cfg, config.local_dim(), config.global_dim(), &mut Rng::new(0)).unwrap();
+        store.set(lossfn.centers1, f.tensor("centers1").unwrap()).unwrap();
+        store.set(lossfn.centers2, f.tensor("centers2").unwrap()).unwrap();
+        store.to_device(device).unwrap();
+        let labels = f.require("labels").unwrap().as_i64().expect("labels are I64").iter().map(|&l| l as usize).collect();
+        let input = input(&f, device);
+        PlrSmall { f, store, model, lossfn, labels, input }
+    }
+
+    /// The eval feature, then one training forward and backward (which updates the BatchNorm
+    /// buffers), in `precision`.
+    fn run(&mut self, precision: Precision) -> PlrSmallRun {
+        let mut tape = Tape::no_grad();
+        let mut ctx = Ctx::new(&mut tape, &mut self.store, false).with_precision(precision);
+        let feature = self.model.forward_eval(&mut ctx, &self.input).unwrap().into_value();
+        let mut tape = Tape::new();
+        let mut ctx = Ctx::new(&mut tape, &mut self.store, true).with_precision(precision);
+        let out = self.model.forward_train(&mut ctx, &self.input).unwrap();
+        let terms = self.lossfn.forward(&mut ctx, &out, &self.labels).unwrap();
+        let grads = tape.backward(&terms.total).unwrap();
+        PlrSmallRun { feature, out, terms, grads }
+    }
+}
+
+impl PlrSmallRun {
+    fn outputs(&self) -> [(&'static str, &Tensor); 4] {
+        [
+            ("out.logits1", self.out.logits1.value()),
+            ("out.logits2", self.out.logits2.value()),
+            ("out.v1", self.out.v1.value()),
+            ("out.v2", self.out.v2.value()),
+        ]
+    }
+
+    fn losses(&self) -> [(&'static str, &Tensor); 7] {
+        let t = &self.terms;
+        [
+            ("loss.ce1", t.ce1.value()),
+            ("loss.ce2", t.ce2.value()),
+            ("loss.tri1", t.tri1.value()),
+            ("loss.tri2", t.tri2.value()),
+            ("loss.cen1", t.cen1.value()),
+            ("loss.cen2", t.cen2.value()),
+            ("loss.total", t.total.value()),
+        ]
+    }
+}
+
 fn plr_small_golden(device: Device) {
-    let f = fixture("plr_small.safetensors");
-    let channels = channels_for_width(meta(&f, "width")).unwrap();
-    let config = PlrConfig { channels, num_classes: meta(&f, "num_classes"), parts: meta(&f, "parts") };
-    assert_eq!(f.tensor("input").unwrap().shape(), [meta::<usize>(&f, "batch"), 3, meta(&f, "height"), meta(&f, "width_px")]);
-    let mut store = ParamStore::new();
-    let model = PlrOsnet::new(&mut store, config, &mut Rng::new(0)).unwrap();
-    apply_state_dict(&mut store, &f, "weights.").unwrap();
-    assert_eq!(detect_model(&f, "weights.").unwrap(), ModelKind::PlrOsnet(config));
-    let loss_cfg = PlrLossConfig::new(meta(&f, "center_classes"));
-    let lossfn = PlrLoss::new(&mut store, loss_cfg, config.local_dim(), config.global_dim(), &mut Rng::new(0)).unwrap();
-    store.set(lossfn.centers1, f.tensor("centers1").unwrap()).unwrap();
-    store.set(lossfn.centers2, f.tensor("centers2").unwrap()).unwrap();
-    store.to_device(device).unwrap();
-    let labels: Vec<usize> = f.require("labels").unwrap().as_i64().expect("labels are I64").iter().map(|&l| l as usize).collect();
-
-    let mut tape = Tape::no_grad();
-    let feature = model.forward_eval(&mut Ctx::new(&mut tape, &mut store, false), &input(&f, device)).unwrap();
-    check(&f, "out.eval_feature", feature.value(), TOL);
-
-    let mut tape = Tape::new();
-    let mut ctx = Ctx::new(&mut tape, &mut store, true);
-    let out = model.forward_train(&mut ctx, &input(&f, device)).unwrap();
-    let terms = lossfn.forward(&mut ctx, &out, &labels).unwrap();
-    for (name, v) in [("out.logits1", &out.logits1), ("out.logits2", &out.logits2), ("out.v1", &out.v1), ("out.v2", &out.v2)] {
-        check(&f, name, v.value(), TOL);
+    let mut m = PlrSmall::load(device);
+    let run = m.run(Precision::F32);
+    let (f, store, grads) = (&m.f, &m.store, &run.grads);
+    check(f, "out.eval_feature", &run.feature, TOL);
+    for (name, v) in run.outputs().into_iter().chain(run.losses()) {
+        check(f, name, v, TOL);
     }
-    let losses = [
-        ("loss.ce1", &terms.ce1),
-        ("loss.ce2", &terms.ce2),
-        ("loss.tri1", &terms.tri1),
-        ("loss.tri2", &terms.tri2),
-        ("loss.cen1", &terms.cen1),
-        ("loss.cen2", &terms.cen2),
-        ("loss.total", &terms.total),
-    ];
-    for (name, v) in losses {
-        check(&f, name, v.value(), TOL);
-    }
-    let grads = tape.backward(&terms.total).unwrap();
 
-    let zero = meta_list(&f, "analytic_zero_grads");
-    let ill = meta_list(&f, "ill_conditioned_grads");
+    let zero = meta_list(f, "analytic_zero_grads");
+    let ill = meta_list(f, "ill_conditioned_grads");
     let mut worst = (0.0, String::new());
     let mut checked = 0;
     let (mut all_ours, mut all_golden) = (Vec::new(), Vec::new());
@@ -121,7 +168,7 @@ fn plr_small_golden(device: Device) {
             let ours_max = ours.to_vec().unwrap().iter().fold(0f32, |m, v| m.max(v.abs()));
             assert!(ours_max <= 1e-4 * scale, "{name}: {ours_max:.2e} not negligible next to {scale:.2e}");
         } else {
-            let err = check(&f, &name, ours, if ill.contains(&name) { ILL_CONDITIONED_TOL } else { GRAD_TOL });
+            let err = check(f, &name, ours, if ill.contains(&name) { ILL_CONDITIONED_TOL } else { GRAD_TOL });
             if !ill.contains(&name) {
                 all_ours.extend(ours.to_vec().unwrap());
                 all_golden.extend(f.require(&name).unwrap().to_f32());
@@ -143,9 +190,100 @@ fn plr_small_golden(device: Device) {
         if e.kind == Kind::Counter {
             assert_eq!(e.value.to_vec().unwrap(), f.require(&name).unwrap().to_f32(), "{name}");
         } else {
-            check(&f, &name, &e.value, TOL);
+            check(f, &name, &e.value, TOL);
         }
     }
+}
+
+#[test]
+fn plr_small_bf16_matches_pytorch_within_bf16_tolerance() {
+    plr_small_bf16_golden(Device::Cpu);
+}
+
+#[test]
+fn plr_small_bf16_golden_on_cuda() {
+    if cuda_or_skip("plr_small_bf16_golden_on_cuda") {
+        plr_small_bf16_golden(Device::Cuda);
+    }
+}
+
+/// The bf16 run (mixed precision, `Precision::Bf16`) against PyTorch's golden values.
+///
+/// This fixture (random weights, noise input, batch 8 at 64x32, training-mode BatchNorm) is
+/// extremely sensitive: the f32 engine run on the input rounded once to bf16 (a relative change
+/// of at most 2^-9 per pixel, nothing else) is already off the golden values by 6.7e-2 in v1 and
+/// 5.9e-1 in the whole gradient, dominated by the stem and layer1 weights, whose gradients feed
+/// training-mode BatchNorm and are small residuals of cancelling terms. The bf16 run rounds at
+/// every op, so its whole gradient cannot come within 1e-2 here (measured 1.3: such an assertion
+/// would not discriminate); the bf16 backward ops are checked bit for bit in the op tests and the
+/// training comparison (tests/train.rs) checks the outcome. What is asserted, with the values
+/// measured on the CPU (2026-11-24, `cargo test --release --test golden bf16`):
+/// - the loss terms (measured: ce 9.9e-3 / 9.0e-3, triplet 2.8e-2 / 2.2e-2, center 3.3e-3 / 3.7e-3,
+///   total 4.5e-3);
+/// - the gradients of the head's biases (classifiers, BN neck, fc2), the well-conditioned part
+///   (measured at most 1.4e-2), every gradient f32 and finite;
+/// - eval feature, logits, v1 and v2 within 6x the error of the rounded-input f32 control
+///   (measured 3.0x to 3.9x);
+/// - the bf16 gradient is not bit-equal to the f32 one (bf16 did run).
+fn plr_small_bf16_golden(device: Device) {
+    const LOSS_TOL: f64 = 5e-2;
+    const TOTAL_LOSS_TOL: f64 = 1e-2;
+    const HEAD_BIAS_TOL: f64 = 3e-2;
+    const CONTROL_FACTOR: f64 = 6.0;
+    let f32_run = PlrSmall::load(device).run(Precision::F32);
+    let mut control = PlrSmall::load(device);
+    control.input = Var::constant(control.input.value().to_dtype(DType::BF16).unwrap().to_dtype(DType::F32).unwrap());
+    let control_run = control.run(Precision::F32);
+    let mut m = PlrSmall::load(device);
+    let run = m.run(Precision::Bf16);
+    let (f, store) = (&m.f, &m.store);
+
+    let golden_err = |name: &str, t: &Tensor| norm_rel_err(&t.to_vec().unwrap(), &f.require(name).unwrap().to_f32());
+    let mut outputs: Vec<(&str, &Tensor, &Tensor)> = vec![("out.eval_feature", &run.feature, &control_run.feature)];
+    outputs.extend(run.outputs().into_iter().zip(control_run.outputs()).map(|((name, ours), (_, c))| (name, ours, c)));
+    for (name, ours, control) in outputs {
+        assert_eq!(ours.dtype(), DType::F32, "{name}");
+        let (err, control_err) = (golden_err(name, ours), golden_err(name, control));
+        println!("{name}: {err:.2e} (rounded-input control {control_err:.2e})");
+        assert!(err <= CONTROL_FACTOR * control_err, "{name}: {err:.2e} > {CONTROL_FACTOR} x the control's {control_err:.2e}");
+    }
+    for (name, v) in run.losses() {
+        let err = golden_err(name, v);
+        println!("{name}: {err:.2e}");
+        let tol = if name == "loss.total" { TOTAL_LOSS_TOL } else { LOSS_TOL };
+        assert!(err < tol, "{name}: norm-wise relative error {err:.2e} >= {tol:.0e}");
+    }
+
+    let zero = meta_list(f, "analytic_zero_grads");
+    let ill = meta_list(f, "ill_conditioned_grads");
+    let (mut all_ours, mut all_golden, mut all_f32, mut all_control) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for id in store.trainable() {
+        let param = &store.entry(id).name;
+        let name = format!("grad.{param}");
+        let ours = run.grads.param(id).unwrap_or_else(|| panic!("{name}: no gradient"));
+        // The master weights' gradients come back as f32 through the casts.
+        assert_eq!(ours.dtype(), DType::F32, "{name}");
+        let values = ours.to_vec().unwrap();
+        assert!(values.iter().all(|v| v.is_finite()), "{name}: not finite");
+        let head_bias = ["classifier1", "classifier2", "bn1", "bn2", "fc2"].iter().any(|h| *param == format!("{h}.bias"));
+        if head_bias {
+            let err = golden_err(&name, ours);
+            println!("{name}: {err:.2e}");
+            assert!(err < HEAD_BIAS_TOL, "{name}: norm-wise relative error {err:.2e} >= {HEAD_BIAS_TOL:.0e}");
+        }
+        if !zero.contains(&name) && !ill.contains(&name) {
+            all_golden.extend(f.require(&name).unwrap().to_f32());
+            all_f32.extend(f32_run.grads.param(id).unwrap().to_vec().unwrap());
+            all_control.extend(control_run.grads.param(id).unwrap().to_vec().unwrap());
+            all_ours.extend(values);
+        }
+    }
+    println!(
+        "whole gradient: {:.2e} (rounded-input control {:.2e})",
+        norm_rel_err(&all_ours, &all_golden),
+        norm_rel_err(&all_control, &all_golden)
+    );
+    assert!(all_ours != all_f32, "the bf16 gradient is bit-equal to the f32 one: bf16 did not run");
 }
 
 #[test]

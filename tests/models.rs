@@ -10,11 +10,11 @@ use std::process::Command;
 use plr_engine::data::image::load_test_image;
 use plr_engine::io::weights::{save_state_dict, TensorFile};
 use plr_engine::models::*;
-use plr_engine::nn::Ctx;
+use plr_engine::nn::{Ctx, Precision};
 use plr_engine::ops::loss;
 use plr_engine::params::Kind;
 use plr_engine::rng::Rng;
-use plr_engine::testing::{gradcheck, max_rel_err, GradCheck};
+use plr_engine::testing::{gradcheck, max_rel_err, norm_rel_err, GradCheck};
 use plr_engine::{ParamStore, Tape, Tensor, Var};
 
 const X1: [usize; 4] = [64, 256, 384, 512];
@@ -553,6 +553,24 @@ fn embed_writes_the_eval_features_of_every_image_in_name_order() {
         let want = model.forward_eval(&mut Ctx::new(&mut tape, &mut store, false), &Var::constant(x)).unwrap();
         assert!(max_rel_err(&got[i * 640..(i + 1) * 640], &want.value().to_vec().unwrap(), 1e-3) < 1e-4, "{name}");
     }
+
+    // --precision bf16: still f32 features, those of the bf16 forward, and not the f32 ones.
+    let out16 = dir.join("feats16.safetensors");
+    let (ok, err) = embed(&weights, &images, &out16, &["--device", "cpu", "--height", "64", "--width", "32", "--precision", "bf16"]);
+    assert!(ok, "{err}");
+    let file16 = TensorFile::read(&out16).unwrap();
+    let got16 = file16.require("features").unwrap().to_f32();
+    let x =
+        Tensor::from_vec(names.iter().flat_map(|n| load_test_image(&images.join(n), 64, 32).unwrap()).collect(), &[3, 3, 64, 32]).unwrap();
+    let mut tape = Tape::no_grad();
+    let mut ctx = Ctx::new(&mut tape, &mut store, false).with_precision(Precision::Bf16);
+    let want16 = model.forward_eval(&mut ctx, &Var::constant(x)).unwrap();
+    assert_eq!(want16.value().dtype(), plr_engine::tensor::DType::F32);
+    let (same, vs_f32) = (norm_rel_err(&got16, &want16.value().to_vec().unwrap()), norm_rel_err(&got16, &got));
+    println!("bf16 embed: vs the in-process bf16 forward {same:.2e}, vs f32 {vs_f32:.2e}");
+    assert!(same < 1e-6, "bf16 embed differs from the bf16 forward by {same:.2e}");
+    // Measured 4.1e-3 (2026-11-24): eval-mode BatchNorm with set statistics is well conditioned.
+    assert!(vs_f32 > 1e-4 && vs_f32 < 2e-2, "bf16 vs f32 features: {vs_f32:.2e}");
 }
 
 #[test]
@@ -627,7 +645,6 @@ fn plr_on_cuda_matches_cpu() {
     if !plr_engine::testing::cuda_or_skip("plr_on_cuda_matches_cpu") {
         return;
     }
-    use plr_engine::testing::norm_rel_err;
     use plr_engine::Device;
     let (cpu, gpu) = (step_results(Device::Cpu), step_results(Device::Cuda));
     let mut worst = (0.0, String::new());
@@ -655,7 +672,7 @@ fn plr_on_cuda_matches_cpu() {
             path
         })
         .collect();
-    let embed = |device| plr_engine::cli::embed::embed_files(&weights, &files, device, 2, 256, 128).unwrap();
+    let embed = |device| plr_engine::cli::embed::embed_files(&weights, &files, device, Precision::F32, 2, 256, 128).unwrap();
     let ((a, da), (b, db)) = (embed(Device::Cpu), embed(Device::Cuda));
     assert_eq!((da, db), (2560, 2560));
     let err = norm_rel_err(&a, &b);

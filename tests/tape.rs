@@ -194,3 +194,60 @@ fn cast_rounds_forward_and_converts_the_gradient_back() {
     assert_eq!(dx.dtype(), DType::F32);
     assert_eq!(dx.to_vec().unwrap(), dy.to_vec().unwrap().into_iter().map(round_bf16).collect::<Vec<_>>());
 }
+
+/// Mixed precision on the tape: a bf16 leaf feeding two branches and one cast weight used by two
+/// convolutions. Gradients summed at a bf16 value stay bf16 (rounded once per sum, as every bf16
+/// op rounds); the master weight's gradient comes back through the cast as f32.
+#[test]
+fn bf16_fan_out_sums_in_bf16_and_the_master_weight_gradient_is_f32() {
+    use plr_engine::ops::conv::{conv2d_backward_data, conv2d_backward_filter, Conv2dCfg};
+    use plr_engine::ops::elementwise as ew;
+    use plr_engine::tensor::DType::{BF16, F32};
+    let cfg = Conv2dCfg::new(1, 1, 1);
+    let mut store = ParamStore::new();
+    let w_id = store.add("conv.weight", randn(&[4, 3, 3, 3], 13), Kind::Param).unwrap();
+    let x = randn(&[2, 3, 5, 5], 14).to_dtype(BF16).unwrap();
+    let r = randn(&[2, 4, 5, 5], 15);
+
+    let mut tape = Tape::new();
+    let xv = tape.leaf(x.clone());
+    let w = tape.param(&store, w_id);
+    let wb = tape.cast(&w, BF16).unwrap();
+    let a = tape.conv2d(&xv, &wb, None, cfg).unwrap();
+    let xr = tape.relu(&xv).unwrap();
+    let b = tape.conv2d(&xr, &wb, None, cfg).unwrap();
+    let y = tape.add(&a, &b).unwrap();
+    assert_eq!(y.value().dtype(), BF16);
+    let y32 = tape.cast(&y, F32).unwrap();
+    let weighted = tape.mul(&y32, &Var::constant(r.clone())).unwrap();
+    let total = tape.sum_all(&weighted).unwrap();
+    let grads = tape.backward(&total).unwrap();
+
+    // By hand with the ops: dy is r rounded to bf16 (the cast's backward), each branch's
+    // gradient is a bf16 op result, and the sums are bf16 adds.
+    let dy = r.to_dtype(BF16).unwrap();
+    let wv = store.get(w_id).to_dtype(BF16).unwrap();
+    let xr_val = ew::relu_forward(&x).unwrap();
+    let dw = ew::add(
+        &conv2d_backward_filter(&dy, &xr_val, wv.shape(), cfg).unwrap(),
+        &conv2d_backward_filter(&dy, &x, wv.shape(), cfg).unwrap(),
+    )
+    .unwrap();
+    let dxa = conv2d_backward_data(&dy, &wv, x.shape(), cfg).unwrap();
+    let dxb = ew::relu_backward(&conv2d_backward_data(&dy, &wv, x.shape(), cfg).unwrap(), &xr_val).unwrap();
+    let dx = ew::add(&dxb, &dxa).unwrap();
+
+    let got_dx = grads.of(&xv).unwrap();
+    assert_eq!(got_dx.dtype(), BF16);
+    assert_eq!(got_dx.to_vec().unwrap(), dx.to_vec().unwrap());
+    let got_dw = grads.param(w_id).unwrap();
+    assert_eq!(got_dw.dtype(), F32);
+    assert_eq!(got_dw.to_vec().unwrap(), dw.to_vec().unwrap());
+    // Rounding happened: the f32 sum of the two filter gradients differs from the bf16 one.
+    let dw_f32 = ew::add(
+        &conv2d_backward_filter(&dy.to_dtype(F32).unwrap(), &xr_val.to_dtype(F32).unwrap(), wv.shape(), cfg).unwrap(),
+        &conv2d_backward_filter(&dy.to_dtype(F32).unwrap(), &x.to_dtype(F32).unwrap(), wv.shape(), cfg).unwrap(),
+    )
+    .unwrap();
+    assert_ne!(got_dw.to_vec().unwrap(), dw_f32.to_vec().unwrap());
+}

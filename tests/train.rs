@@ -9,6 +9,8 @@ use plr_engine::cli::eval::{evaluate_weights, EvalArgs};
 use plr_engine::cli::train::TrainArgs;
 use plr_engine::data::synth::{generate, SynthConfig};
 use plr_engine::io::weights::{load_plr, TensorFile};
+use plr_engine::nn::Precision;
+use plr_engine::tensor::DType;
 use plr_engine::train::checkpoint::{self, Checkpoint};
 use plr_engine::train::{PartialConfig, TrainConfig, Trainer};
 use plr_engine::Tensor;
@@ -161,6 +163,35 @@ fn config_errors_name_the_key() {
     assert_eq!(flags(&["--device", "auto"]).device, Some(DeviceChoice::Auto));
 }
 
+#[test]
+fn precision_from_flag_file_saved_config_and_resume() {
+    let none = PartialConfig::default();
+    let q = TrainConfig::resolve(&none, &none).unwrap();
+    assert_eq!((q.run.precision.as_str(), q.precision().unwrap()), ("f32", Precision::F32));
+
+    let b = TrainConfig::resolve(&none, &flags(&["--precision", "bf16"]).overrides()).unwrap();
+    assert_eq!(b.precision().unwrap(), Precision::Bf16);
+    let text = b.to_toml().unwrap();
+    assert!(text.contains("precision = \"bf16\""), "{text}");
+    assert_eq!(TrainConfig::from_toml(&text, "saved").unwrap(), b);
+    let file = PartialConfig::from_toml("[run]\nprecision = \"bf16\"\n", "my.toml").unwrap();
+    assert_eq!(TrainConfig::resolve(&file, &none).unwrap().precision().unwrap(), Precision::Bf16);
+
+    // A resumed run keeps its precision unless a flag changes it.
+    assert_eq!(b.clone().resolve_on(&none, &none).unwrap().precision().unwrap(), Precision::Bf16);
+    let f = b.clone().resolve_on(&none, &flags(&["--precision", "f32"]).overrides()).unwrap();
+    assert_eq!(f.precision().unwrap(), Precision::F32);
+    // A configuration saved before the key existed means f32.
+    let old: String = q.to_toml().unwrap().lines().filter(|l| !l.starts_with("precision")).map(|l| format!("{l}\n")).collect();
+    assert_eq!(TrainConfig::from_toml(&old, "old").unwrap(), q);
+
+    let bad = PartialConfig::from_toml("[run]\nprecision = \"fp8\"\n", "my.toml").unwrap();
+    let e = err_text(TrainConfig::resolve(&bad, &none));
+    assert!(e.contains("run.precision") && e.contains("fp8") && e.contains("bf16"), "{e}");
+    let e = Cmd::try_parse_from(["train", "--precision", "fp8"]).err().expect("an unknown precision is a CLI error").to_string();
+    assert!(e.contains("--precision") && e.contains("fp8"), "{e}");
+}
+
 /// Every store entry and the optimizer state of two trainers, compared exactly.
 fn assert_same_state(a: &Trainer, b: &Trainer) {
     assert_eq!(a.epoch, b.epoch);
@@ -298,6 +329,7 @@ fn training_on_synthetic_data_raises_map_and_eval_command_agrees() {
         data: dir.join("data"),
         dataset: "market1501".into(),
         device: DeviceChoice::Cpu,
+        precision: Precision::F32,
         height: None,
         width_px: None,
         batch_size: 50,
@@ -393,6 +425,7 @@ fn bad_input_gives_clear_errors() {
         data: dir.join("data"),
         dataset: dataset.into(),
         device: DeviceChoice::Cpu,
+        precision: Precision::F32,
         height: None,
         width_px: None,
         batch_size: 8,
@@ -463,5 +496,70 @@ fn init_osnet_copies_the_backbone_or_names_the_mismatch() {
     assert!(e.contains("x10.safetensors") && e.contains("no weight fits") && e.contains("0.25") && e.contains("shape"), "{e}");
     let e = err_text(with_init(&dir.join("absent.safetensors")));
     assert!(e.contains("absent.safetensors"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A bf16 run of the end-to-end configuration above: it learns (the f32 run's bar), keeps f32
+/// master weights and records its precision. Its mAP is not compared with the f32 run's here:
+/// at this size the seed alone moves the final mAP by several points (f32, seeds 1 and 2 at 50
+/// epochs: 79.4% and 75.0%), so a one-point comparison would only measure noise; the quick start
+/// below, converged to ~94%, makes it.
+#[test]
+fn bf16_training_learns_and_keeps_f32_master_weights() {
+    let dir = temp_dir("bf16");
+    synth(&dir.join("data"), 80, 10, 1);
+    let mut cfg = tiny_config(&dir.join("data"), &dir.join("out"));
+    cfg.data.batch_ids = 8;
+    cfg.data.instances = 4;
+    cfg.optim.epochs = 25;
+    cfg.optim.warmup_epochs = 3;
+    cfg.optim.milestones = vec![16];
+    cfg.run.seed = 1;
+    cfg.run.save_freq = 0;
+    cfg.run.eval_before_training = true;
+    cfg.run.precision = "bf16".into();
+    let mut t = quiet(Trainer::new(cfg, None).unwrap());
+    assert!(t.describe().ends_with("bf16"), "{}", t.describe());
+    let summary = t.run().unwrap();
+    let (before, after) = (summary.before.unwrap().metrics, summary.after.unwrap().metrics);
+    println!("bf16: mAP {:.3} -> {:.3}, rank-1 {:.3} -> {:.3}", before.map, after.map, before.rank1, after.rank1);
+    assert!(
+        after.map > before.map + 0.2 && after.rank1 > before.rank1 + 0.2,
+        "bf16 did not learn: mAP {:.3} -> {:.3}",
+        before.map,
+        after.map
+    );
+    assert!(t.store.entries().iter().all(|e| e.value.dtype() == DType::F32), "master weights must stay f32");
+    let ckpt = Checkpoint::read(&summary.checkpoints[0]).unwrap();
+    assert_eq!(ckpt.meta.config.precision().unwrap(), Precision::Bf16);
+    let log = std::fs::read_to_string(dir.join("out/log.jsonl")).unwrap();
+    assert!(log.lines().next().unwrap().contains("\"precision\":\"bf16\""), "the start event records the precision");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The criterion: trained with bf16 mixed precision, the quick start reaches the mAP of
+/// the same f32 run, not more than one point lower. About 3 to 6 minutes on 2 cores, so not in the
+/// default suite: `cargo test --release --test train -- --ignored bf16_quick_start`. Measured
+/// first (2026-11-24, CPU, `plr-engine train [--precision bf16] [--seed 2]`): f32 seed 1 mAP 93.2%
+/// (rank-1 97.4%), f32 seed 2 94.2% (99.4%): the seed alone moves it by a point, so bf16 is held
+/// to "not worse by more than a point" rather than to a two-sided bound; bf16 seed 1: 94.7% (98.7%).
+#[test]
+#[ignore]
+fn bf16_quick_start_reaches_the_map_of_f32() {
+    let dir = temp_dir("bf16-quickstart");
+    let run = |precision: &str| {
+        let mut cfg = TrainConfig::quickstart();
+        cfg.run.output = dir.join(precision);
+        cfg.run.device = "cpu".into();
+        cfg.run.eval_before_training = false;
+        cfg.run.eval_freq = 0;
+        cfg.run.precision = precision.into();
+        quiet(Trainer::new(cfg, None).unwrap()).run().unwrap().after.unwrap().metrics
+    };
+    let (f, b) = (run("f32"), run("bf16"));
+    println!("f32: mAP {:.3} rank-1 {:.3}; bf16: mAP {:.3} rank-1 {:.3}", f.map, f.rank1, b.map, b.rank1);
+    assert!(f.map > 0.85, "the f32 run is not converged (mAP {:.3})", f.map);
+    assert!(b.map >= f.map - 0.01, "bf16 mAP {:.3} is more than a point below f32's {:.3}", b.map, f.map);
+    assert!(b.rank1 >= f.rank1 - 0.01, "bf16 rank-1 {:.3} is more than a point below f32's {:.3}", b.rank1, f.rank1);
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -15,7 +15,7 @@ use serde_json::json;
 use super::device::{resolve_device, DeviceChoice};
 use crate::error::{Error, Result};
 use crate::models::{channels_for_width, PlrConfig, PlrLoss, PlrLossConfig, PlrOsnet};
-use crate::nn::Ctx;
+use crate::nn::{Ctx, Precision};
 use crate::optim::{Adam, AdamConfig};
 use crate::params::ParamStore;
 use crate::profile::{self, Family, Phase};
@@ -28,6 +28,9 @@ use crate::tensor::{Device, Tensor};
 pub struct BenchArgs {
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
+    /// f32, or bf16 mixed precision (f32 master weights).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
     /// Identities per training batch.
     #[arg(long, default_value_t = 16)]
     pub batch_ids: usize,
@@ -134,6 +137,7 @@ struct Bench {
     loss: PlrLoss,
     store: ParamStore,
     adam: Adam,
+    precision: Precision,
 }
 
 /// Peak learning rate of the official schedule.
@@ -141,8 +145,7 @@ const LR: f64 = 3.5e-4;
 
 /// Forward, loss, backward and Adam on one batch; returns the total loss (left on the device).
 fn train_step(
-    model: &PlrOsnet,
-    loss: &PlrLoss,
+    (model, loss, precision): (&PlrOsnet, &PlrLoss, Precision),
     store: &mut ParamStore,
     adam: &mut Adam,
     x: &Var,
@@ -151,7 +154,7 @@ fn train_step(
 ) -> Result<Tensor> {
     let mut tape = Tape::new();
     let total = {
-        let mut ctx = Ctx::new(&mut tape, store, true);
+        let mut ctx = Ctx::new(&mut tape, store, true).with_precision(precision);
         let out = model.forward_train(&mut ctx, x)?;
         loss.forward(&mut ctx, &out, labels)?.total
     };
@@ -163,12 +166,12 @@ fn train_step(
 
 impl Bench {
     fn train_step(&mut self, x: &Var, labels: &[usize]) -> Result<Tensor> {
-        train_step(&self.model, &self.loss, &mut self.store, &mut self.adam, x, labels, LR)
+        train_step((&self.model, &self.loss, self.precision), &mut self.store, &mut self.adam, x, labels, LR)
     }
 
     fn eval_forward(&mut self, x: &Var) -> Result<Tensor> {
         let mut tape = Tape::no_grad();
-        let mut ctx = Ctx::new(&mut tape, &mut self.store, false);
+        let mut ctx = Ctx::new(&mut tape, &mut self.store, false).with_precision(self.precision);
         Ok(self.model.forward_eval(&mut ctx, x)?.into_value())
     }
 }
@@ -235,14 +238,15 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let params = store.count_params(|_| true);
     let loss = PlrLoss::new(&mut store, PlrLossConfig::new(args.classes), config.local_dim(), config.global_dim(), &mut rng)?;
     store.to_device(device)?;
-    let mut bench = Bench { model, loss, store, adam: Adam::new(AdamConfig::default()) };
+    let mut bench = Bench { model, loss, store, adam: Adam::new(AdamConfig::default()), precision: args.precision };
     println!(
-        "model: PLR-OSNet x{} ({:.2} M parameters, {} classes), input 3x{}x{}",
+        "model: PLR-OSNet x{} ({:.2} M parameters, {} classes), input 3x{}x{}, {}",
         args.width,
         params as f64 / 1e6,
         args.classes,
         args.height,
-        args.width_px
+        args.width_px,
+        args.precision.name()
     );
     let trainable = bench.store.trainable().count();
     println!(
@@ -328,6 +332,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
             "device_name": device_desc,
             "threads": rayon::current_num_threads(),
             "model": { "width": args.width, "params": params, "classes": args.classes, "height": args.height, "width_px": args.width_px },
+            "precision": args.precision.name(),
             "warmup": plan.warmup,
             "iters": plan.iters,
             "train": {
@@ -403,9 +408,9 @@ struct GraphResult {
 /// the images and labels copied into the graph's inputs. A failed capture is reported, not fatal.
 fn graph_bench(bench: &mut Bench, x: &Var, labels: &[usize], plan: &Plan) -> Result<std::result::Result<GraphResult, String>> {
     let host_images = x.value().to_vec()?;
-    let (model, loss) = (&bench.model, &bench.loss);
+    let (model, loss, precision) = (&bench.model, &bench.loss, bench.precision);
     let mut step = |store: &mut ParamStore, adam: &mut Adam, images: &Tensor, labels: &[usize], lr: f64| {
-        train_step(model, loss, store, adam, &Var::constant(images.clone()), labels, lr).map(drop)
+        train_step((model, loss, precision), store, adam, &Var::constant(images.clone()), labels, lr).map(drop)
     };
     let mut graph = match crate::cuda::graph::TrainGraph::capture(&mut bench.store, &mut bench.adam, x.value(), labels, LR, &mut step) {
         Ok(g) => g,

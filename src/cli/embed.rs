@@ -10,7 +10,7 @@ use super::device::{resolve_device, DeviceChoice};
 use crate::data::image::load_test_image;
 use crate::error::{Error, Result};
 use crate::io::weights::{load_plr, write_safetensors, OutTensor};
-use crate::nn::Ctx;
+use crate::nn::{Ctx, Precision};
 use crate::tape::{Tape, Var};
 use crate::tensor::{Device, Tensor};
 
@@ -28,6 +28,9 @@ pub struct EmbedArgs {
     pub out: PathBuf,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
+    /// f32, or bf16 mixed precision (features are written as f32 either way).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
     /// Input height the images are resized to.
@@ -69,6 +72,7 @@ pub fn embed_files(
     weights: &Path,
     files: &[PathBuf],
     device: Device,
+    precision: Precision,
     batch_size: usize,
     height: u32,
     width: u32,
@@ -96,7 +100,7 @@ pub fn embed_files(
         let images: Vec<Vec<f32>> = chunk.par_iter().map(|p| load_test_image(p, height, width)).collect::<Result<_>>()?;
         let x = Tensor::from_vec(images.concat(), &[chunk.len(), 3, h, w])?.to_device(device)?;
         let mut tape = Tape::no_grad();
-        let mut ctx = Ctx::new(&mut tape, &mut store, false);
+        let mut ctx = Ctx::new(&mut tape, &mut store, false).with_precision(precision);
         let f = model.forward_eval(&mut ctx, &Var::constant(x))?;
         features.extend(f.value().to_vec()?);
         pb.inc(chunk.len() as u64);
@@ -108,11 +112,17 @@ pub fn embed_files(
 pub fn run(args: &EmbedArgs) -> Result<()> {
     let files = list_images(&args.images)?;
     let device = resolve_device(args.device)?;
-    let (features, dim) = embed_files(&args.weights, &files, device, args.batch_size, args.height, args.width)?;
+    let (features, dim) = embed_files(&args.weights, &files, device, args.precision, args.batch_size, args.height, args.width)?;
     let names: Vec<String> = files.iter().map(|p| p.file_name().unwrap_or_default().to_string_lossy().into_owned()).collect();
     let files_json = serde_json::to_string(&names).map_err(|e| Error::msg(format!("cannot encode the file names: {e}")))?;
     let meta = HashMap::from([("files".to_string(), files_json)]);
     write_safetensors(&args.out, &[OutTensor::f32("features", &[files.len(), dim], &features)], meta)?;
-    println!("embedded {} images on {device}: features [{}, {dim}] -> {}", files.len(), files.len(), args.out.display());
+    println!(
+        "embedded {} images on {device} ({}): features [{}, {dim}] -> {}",
+        files.len(),
+        args.precision.name(),
+        files.len(),
+        args.out.display()
+    );
     Ok(())
 }

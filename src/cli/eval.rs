@@ -9,8 +9,9 @@ use crate::data::dataset::Dataset;
 use crate::data::loader::{Loader, LoaderConfig};
 use crate::error::{Error, Result};
 use crate::io::weights::{load_plr, TensorFile};
+use crate::nn::Precision;
 use crate::train::config::{dataset_name, parse_dataset, TrainConfig};
-use crate::train::{evaluate_model, EvalReport};
+use crate::train::{evaluate_model, EvalReport, FeatureRun};
 
 /// Evaluate PLR-OSNet weights on a re-ID dataset.
 #[derive(clap::Args, Debug)]
@@ -26,6 +27,9 @@ pub struct EvalArgs {
     pub dataset: String,
     #[arg(long, value_enum, default_value_t = DeviceChoice::Auto)]
     pub device: DeviceChoice,
+    /// f32, or bf16 mixed precision (features are f32 either way).
+    #[arg(long, value_enum, default_value_t = Precision::F32)]
+    pub precision: Precision,
     /// Input height; default: the training input size recorded in a checkpoint, else 256.
     #[arg(long)]
     pub height: Option<u32>,
@@ -62,15 +66,17 @@ pub fn evaluate_weights(args: &EvalArgs) -> Result<EvalReport> {
     let query = Loader::new(dataset.query, &lc)?;
     let gallery = Loader::new(dataset.gallery, &lc)?;
     println!(
-        "evaluating {} ({}x{} input, {device}) on {}: {} query, {} gallery images",
+        "evaluating {} ({}x{} input, {device}, {}) on {}: {} query, {} gallery images",
         args.weights.display(),
         height,
         width,
+        args.precision.name(),
         dataset.dir.display(),
         query.samples().len(),
         gallery.samples().len()
     );
-    evaluate_model(&model, &mut store, dataset_name(kind), &query, &gallery, args.batch_size, device)
+    let run = FeatureRun { batch: args.batch_size, device, precision: args.precision };
+    evaluate_model(&model, &mut store, dataset_name(kind), &query, &gallery, run)
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {

@@ -7,6 +7,7 @@ use clap::ValueEnum;
 
 use super::device::DeviceChoice;
 use crate::error::Result;
+use crate::nn::Precision;
 use crate::train::checkpoint::{self, Checkpoint};
 use crate::train::{PartialConfig, TrainConfig, Trainer};
 
@@ -46,6 +47,9 @@ pub struct TrainArgs {
     pub width_px: Option<u32>,
     #[arg(long, value_enum)]
     pub device: Option<DeviceChoice>,
+    /// f32, or bf16 mixed precision (f32 master weights); a resumed run keeps its own unless given.
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
     #[arg(long)]
     pub seed: Option<u64>,
     /// Output folder: config.toml, log.jsonl, eval.json, checkpoints.
@@ -108,6 +112,7 @@ impl TrainArgs {
         p.run.output = self.output.clone();
         p.run.seed = self.seed;
         p.run.device = self.device.and_then(|d| d.to_possible_value()).map(|v| v.get_name().to_string());
+        p.run.precision = self.precision.map(|p| p.name().to_string());
         p.run.eval_freq = self.eval_freq;
         p.run.save_freq = self.save_freq;
         p

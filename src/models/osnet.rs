@@ -134,9 +134,15 @@ impl ChannelGate {
         })
     }
 
-    fn vars(&self, ctx: &mut Ctx) -> GateVars {
+    /// Fetched (and under bf16 cast) once per block, not once per stream.
+    fn vars(&self, ctx: &mut Ctx) -> Result<GateVars> {
         let bias = |ctx: &mut Ctx, conv: &Conv2d| ctx.param(conv.bias.expect("gate convs have a bias"));
-        GateVars { w1: ctx.param(self.fc1.weight), b1: bias(ctx, &self.fc1), w2: ctx.param(self.fc2.weight), b2: bias(ctx, &self.fc2) }
+        Ok(GateVars {
+            w1: ctx.conv_weight(self.fc1.weight)?,
+            b1: bias(ctx, &self.fc1),
+            w2: ctx.conv_weight(self.fc2.weight)?,
+            b2: bias(ctx, &self.fc2),
+        })
     }
 
     fn apply(&self, ctx: &mut Ctx, g: &GateVars, x: &Var) -> Result<Var> {
@@ -177,7 +183,7 @@ impl OsBlock {
 
     pub fn forward(&self, ctx: &mut Ctx, x: &Var) -> Result<Var> {
         let x1 = self.conv1.forward(ctx, x)?;
-        let gate = self.gate.vars(ctx);
+        let gate = self.gate.vars(ctx)?;
         let mut x2: Option<Var> = None;
         for stream in &self.streams {
             let mut y = x1.clone();
@@ -287,9 +293,10 @@ impl Osnet {
         Ok(Osnet { config, conv1, stages, conv5, fc, fc_bn, classifier })
     }
 
-    /// The final feature map [B, C5, H/16, W/16].
+    /// The final feature map [B, C5, H/16, W/16], in the activation dtype.
     pub fn feature_map(&self, ctx: &mut Ctx, x: &Var) -> Result<Var> {
-        let mut y = self.conv1.forward(ctx, x)?;
+        let x = ctx.to_activation(x)?;
+        let mut y = self.conv1.forward(ctx, &x)?;
         for s in &self.stages {
             y = s.forward(ctx, &y)?;
         }
@@ -300,6 +307,7 @@ impl Osnet {
         let f = self.feature_map(ctx, x)?;
         let v = ctx.tape.global_avg_pool(&f)?;
         let v = ctx.tape.reshape(&v, &[v.shape()[0], v.shape()[1]])?;
+        let v = ctx.to_f32(&v)?;
         let v = self.fc.forward(ctx, &v)?;
         let v = self.fc_bn.forward(ctx, &v)?;
         let feature = ctx.tape.relu(&v)?;

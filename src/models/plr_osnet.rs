@@ -58,7 +58,9 @@ impl PlrConfig {
 }
 
 /// Position attention without a value projection: A = softmax_j(q_i . k_j) over positions,
-/// out = X A^T, y = BN(gamma * out) + x.
+/// out = X A^T, y = BN(gamma * out) + x. Under bf16 the products, the softmax and the gamma scale
+/// run in f32 (a softmax over H*W positions of bf16 scores loses the small weights); the result is
+/// rounded back to bf16 before the BatchNorm.
 struct Pam {
     query: Conv2d,
     key: Conv2d,
@@ -85,14 +87,18 @@ impl Pam {
         let k = self.key.forward(ctx, x)?;
         let qk = q.shape()[1];
         let q = ctx.tape.reshape(&q, &[b, qk, n])?;
+        let q = ctx.to_f32(&q)?;
         let k = ctx.tape.reshape(&k, &[b, qk, n])?;
+        let k = ctx.to_f32(&k)?;
         let energy = ctx.tape.bmm(&q, &k, true, false)?;
         let attention = ctx.tape.softmax_lastdim(&energy)?;
         let xv = ctx.tape.reshape(x, &[b, c, n])?;
+        let xv = ctx.to_f32(&xv)?;
         let out = ctx.tape.bmm(&xv, &attention, false, true)?;
         let out = ctx.tape.reshape(&out, &[b, c, h, w])?;
         let gamma = ctx.param(self.gamma);
         let out = ctx.tape.mul(&out, &gamma)?;
+        let out = ctx.to_activation(&out)?;
         let out = self.bn.forward(ctx, &out)?;
         ctx.tape.add(&out, x)
     }
@@ -209,9 +215,11 @@ impl PlrOsnet {
         })
     }
 
-    /// v1 and v2 (pre-BN). The input height must give a final map whose height `parts` divides.
+    /// v1 and v2 (pre-BN, f32). The input height must give a final map whose height `parts`
+    /// divides. The backbone runs in the activation dtype; the pooled features go back to f32.
     fn branches(&self, ctx: &mut Ctx, x: &Var) -> Result<(Var, Var)> {
-        let y = self.layer0.forward(ctx, x)?;
+        let x = ctx.to_activation(x)?;
+        let y = self.layer0.forward(ctx, &x)?;
         let y = self.layer1.forward(ctx, &y)?;
         let y = self.attention1.forward(ctx, &y)?;
         let y = self.layer2.forward(ctx, &y)?;
@@ -220,11 +228,13 @@ impl PlrOsnet {
         let f1 = self.layer30.forward(ctx, &shared)?;
         let f1 = self.layer40.forward(ctx, &f1)?;
         let v1 = ctx.tape.stripe_avg_pool(&f1, self.config.parts)?;
+        let v1 = ctx.to_f32(&v1)?;
 
         let f2 = self.layer31.forward(ctx, &shared)?;
         let f2 = self.layer41.forward(ctx, &f2)?;
         let g = ctx.tape.global_max_pool(&f2)?;
         let g = ctx.tape.reshape(&g, &[g.shape()[0], g.shape()[1]])?;
+        let g = ctx.to_f32(&g)?;
         let v2 = self.fc2.forward(ctx, &g)?;
         Ok((v1, v2))
     }

@@ -57,8 +57,9 @@ impl Conv2d {
         Ok(Conv2d { weight, bias, cfg })
     }
 
+    /// `x` must be in the activation dtype; the weight is cast to it, the bias stays f32.
     pub fn forward(&self, ctx: &mut Ctx, x: &Var) -> Result<Var> {
-        let w = ctx.param(self.weight);
+        let w = ctx.conv_weight(self.weight)?;
         let b = self.bias.map(|id| ctx.param(id));
         ctx.tape.conv2d(x, &w, b.as_ref(), self.cfg)
     }

@@ -16,6 +16,7 @@ use crate::cli::device::DeviceChoice;
 
 use crate::data::dataset::DatasetKind;
 use crate::error::{Error, Result};
+use crate::nn::Precision;
 use crate::optim::LrSchedule;
 
 /// Declares a config section twice: the resolved struct, and a `Partial` twin whose every field is
@@ -121,6 +122,10 @@ section!(
         seed: u64,
         /// cpu, cuda or auto.
         device: String,
+        /// f32, or bf16 mixed precision (bf16 activations and convolution weights, f32 master
+        /// weights; docs/DECISIONS.md). Configurations written before it existed mean f32.
+        #[serde(default = "default_precision")]
+        precision: String,
         /// Evaluate every this many epochs (0: only at the end).
         eval_freq: usize,
         /// Save a checkpoint every this many epochs (0: only at the end).
@@ -237,6 +242,7 @@ impl TrainConfig {
                 output: PathBuf::from("runs").join(dataset_name(dataset)),
                 seed: 1,
                 device: "auto".into(),
+                precision: default_precision(),
                 eval_freq: 10,
                 save_freq: 10,
                 eval_before_training: false,
@@ -334,7 +340,12 @@ impl TrainConfig {
         }
         self.center_classes(1)?;
         self.device()?;
+        self.precision()?;
         Ok(())
+    }
+
+    pub fn precision(&self) -> Result<Precision> {
+        Precision::parse(&self.run.precision, "config: run.precision (--precision)")
     }
 
     pub fn device(&self) -> Result<DeviceChoice> {
@@ -381,6 +392,10 @@ impl TrainConfig {
         cfg.validate()?;
         Ok(cfg)
     }
+}
+
+fn default_precision() -> String {
+    Precision::F32.name().into()
 }
 
 fn default_workers() -> usize {

@@ -12,13 +12,22 @@ use crate::data::loader::Loader;
 use crate::error::{Error, Result};
 use crate::eval::{evaluate, Metrics};
 use crate::models::PlrOsnet;
-use crate::nn::Ctx;
+use crate::nn::{Ctx, Precision};
 use crate::params::ParamStore;
 use crate::tape::{Tape, Var};
 use crate::tensor::{Device, Tensor};
 
-/// Eval-mode features of every image of `loader`, in order: a CPU tensor [N, D].
-pub fn extract_features(model: &PlrOsnet, store: &mut ParamStore, loader: &Loader, batch: usize, device: Device) -> Result<Tensor> {
+/// How features are computed: images per forward, device and precision.
+#[derive(Clone, Copy, Debug)]
+pub struct FeatureRun {
+    pub batch: usize,
+    pub device: Device,
+    pub precision: Precision,
+}
+
+/// Eval-mode features of every image of `loader`, in order: a CPU f32 tensor [N, D].
+pub fn extract_features(model: &PlrOsnet, store: &mut ParamStore, loader: &Loader, run: FeatureRun) -> Result<Tensor> {
+    let FeatureRun { batch, device, precision } = run;
     let dim = model.config.feature_dim();
     let mut features = Vec::with_capacity(loader.samples().len() * dim);
     let pb = crate::log::image_bar(loader.samples().len(), "features");
@@ -29,7 +38,7 @@ pub fn extract_features(model: &PlrOsnet, store: &mut ParamStore, loader: &Loade
         let count = b.len();
         let x = b.into_tensor()?.to_device(device)?;
         let mut tape = Tape::no_grad();
-        let mut ctx = Ctx::new(&mut tape, store, false);
+        let mut ctx = Ctx::new(&mut tape, store, false).with_precision(precision);
         features.extend(model.forward_eval(&mut ctx, &Var::constant(x))?.value().to_vec()?);
         pb.inc(count as u64);
     }
@@ -59,16 +68,15 @@ pub fn evaluate_model(
     dataset: &str,
     query: &Loader,
     gallery: &Loader,
-    batch: usize,
-    device: Device,
+    run: FeatureRun,
 ) -> Result<EvalReport> {
     let t0 = Instant::now();
-    let qf = extract_features(model, store, query, batch, device)?;
-    let gf = extract_features(model, store, gallery, batch, device)?;
+    let qf = extract_features(model, store, query, run)?;
+    let gf = extract_features(model, store, gallery, run)?;
     let (qp, qc) = ids(query.samples());
     let (gp, gc) = ids(gallery.samples());
     // Distances on the model's device: the gallery goes up once, query blocks follow.
-    let metrics = evaluate(&qf, &gf.to_device(device)?, &qp, &qc, &gp, &gc)?;
+    let metrics = evaluate(&qf, &gf.to_device(run.device)?, &qp, &qc, &gp, &gc)?;
     Ok(EvalReport {
         dataset: dataset.to_string(),
         num_query: qp.len(),

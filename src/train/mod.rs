@@ -7,5 +7,5 @@ pub mod evaluate;
 pub mod trainer;
 
 pub use config::{PartialConfig, TrainConfig};
-pub use evaluate::{evaluate_model, extract_features, EvalReport};
+pub use evaluate::{evaluate_model, extract_features, EvalReport, FeatureRun};
 pub use trainer::{EpochStats, TrainSummary, Trainer};

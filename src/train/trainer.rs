@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use super::checkpoint::{self, Checkpoint, Snapshot};
 use super::config::TrainConfig;
-use super::evaluate::{evaluate_model, EvalReport};
+use super::evaluate::{evaluate_model, EvalReport, FeatureRun};
 use crate::cli::device::resolve_device;
 use crate::cuda::graph::TrainGraph;
 use crate::data::dataset::Dataset;
@@ -23,7 +23,7 @@ use crate::error::{Error, Result};
 use crate::io::weights::init_plr_from_osnet;
 use crate::log::JsonLog;
 use crate::models::{channels_for_width, PlrConfig, PlrLoss, PlrLossConfig, PlrOsnet};
-use crate::nn::Ctx;
+use crate::nn::{Ctx, Precision};
 use crate::optim::{Adam, AdamConfig, LrSchedule};
 use crate::params::{Kind, ParamStore};
 use crate::rng::Rng;
@@ -430,7 +430,7 @@ impl Trainer {
     pub fn describe(&self) -> String {
         let c = &self.cfg;
         format!(
-            "PLR-OSNet x{} ({} parameters, {} classes), input {}x{}, batches {}x{}, epochs {}..{} of {}, lr {:.2e} (x{} warm-up over {} epochs), {} on {}",
+            "PLR-OSNet x{} ({} parameters, {} classes), input {}x{}, batches {}x{}, epochs {}..{} of {}, lr {:.2e} (x{} warm-up over {} epochs), {} on {}, {}",
             c.model.width,
             self.store.count_params(|n| !n.starts_with("loss.")),
             self.dataset.num_train_pids,
@@ -445,7 +445,8 @@ impl Trainer {
             c.optim.warmup_multiplier,
             c.optim.warmup_epochs + 1,
             self.dataset.kind.name(),
-            self.device
+            self.device,
+            c.run.precision
         )
     }
 
@@ -455,7 +456,7 @@ impl Trainer {
     fn step(&mut self, batch: Batch, lr: f64) -> Result<()> {
         let labels = batch.labels.clone();
         let x = batch.into_tensor()?;
-        let net = (&self.model, &self.loss);
+        let net = (&self.model, &self.loss, self.cfg.precision()?);
         if self.cuda_graph && self.device == Device::Cuda {
             if let Some(g) = &mut self.graph {
                 if g.fits(x.numel(), labels.len()) {
@@ -543,7 +544,8 @@ impl Trainer {
     /// Evaluates the current model on query and gallery; logs and prints the table.
     pub fn evaluate(&mut self) -> Result<EvalReport> {
         let name = super::config::dataset_name(self.dataset.kind);
-        let report = evaluate_model(&self.model, &mut self.store, name, &self.query, &self.gallery, self.cfg.data.test_batch, self.device)?;
+        let run = FeatureRun { batch: self.cfg.data.test_batch, device: self.device, precision: self.cfg.precision()? };
+        let report = evaluate_model(&self.model, &mut self.store, name, &self.query, &self.gallery, run)?;
         if self.verbose {
             println!("evaluation after epoch {}:\n{}", self.epoch, report.table());
         }
@@ -611,7 +613,7 @@ impl Trainer {
 /// Forward, the PLR loss, statistics into `meter`, backward and Adam on one batch already on the
 /// training device.
 fn train_step(
-    (model, loss): (&PlrOsnet, &PlrLoss),
+    (model, loss, precision): (&PlrOsnet, &PlrLoss, Precision),
     meter: &mut StepMeter,
     store: &mut ParamStore,
     adam: &mut Adam,
@@ -620,7 +622,7 @@ fn train_step(
     lr: f64,
 ) -> Result<()> {
     let mut tape = Tape::new();
-    let mut ctx = Ctx::new(&mut tape, store, true);
+    let mut ctx = Ctx::new(&mut tape, store, true).with_precision(precision);
     let out = model.forward_train(&mut ctx, &Var::constant(x.clone()))?;
     let terms = loss.forward(&mut ctx, &out, labels)?;
     let values = [&terms.total, &terms.ce1, &terms.ce2, &terms.tri1, &terms.tri2, &terms.cen1, &terms.cen2].map(Var::value);

@@ -135,3 +135,11 @@ fn softmax_backward() {
         .collect();
     assert!(max_rel_err(&dx, &want, 1e-6) < 1e-5);
 }
+
+#[test]
+fn attention_ops_are_f32_only() {
+    // The model runs the position attention in f32 and casts around it.
+    let a = randn(&[2, 3, 4], 71).to_dtype(crate::tensor::DType::BF16).unwrap();
+    assert!(matches!(bmm(&a, &a, true, false), Err(Error::DType { op: "bmm", .. })));
+    assert!(matches!(softmax_lastdim_forward(&a), Err(Error::DType { .. })));
+}

@@ -1,6 +1,9 @@
 //! Batch normalisation over channel axis 1, for [N, C] (BatchNorm1d) and [N, C, H, W] (BatchNorm2d)
 //! inputs, as PyTorch defines it: training normalises with the biased batch variance and updates the
 //! running variance with the unbiased one.
+//!
+//! x, y, dy and dx share one dtype (f32 or bf16); gamma, beta, the running and batch statistics
+//! and dgamma/dbeta are always f32.
 
 mod cpu;
 mod cuda;
@@ -45,12 +48,14 @@ pub fn batchnorm_relu_forward_train(x: &Tensor, gamma: &Tensor, beta: &Tensor, e
 
 fn forward_train(op: &'static str, x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32, relu: bool) -> Result<(Tensor, BnBatchStats)> {
     let _p = crate::profile::scope(crate::profile::Family::BatchNorm);
-    let dev = x.check_same(op, &[gamma, beta])?;
+    let dev = x.check_same_dtype(op, &[])?;
+    Tensor::check_f32_on(op, dev, &[gamma, beta])?;
     let (n, c, hw) = bn_dims(op, x, &[gamma, beta])?;
     crate::ensure_shape!(n * hw > 1, op, "training needs more than one value per channel, got input {:?}", x.shape());
     match dev {
         Device::Cpu => {
             let (y, stats) = cpu::batchnorm_forward_train(x, gamma, beta, eps, (n, c, hw))?;
+            let y = y.rounded_to(x.dtype())?;
             Ok((if relu { relu_forward(&y)? } else { y }, stats))
         }
         Device::Cuda => cuda::batchnorm_forward_train(x, gamma, beta, eps, (n, c, hw), relu),
@@ -83,18 +88,22 @@ fn backward_train(
     stats: &BnBatchStats,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let _p = crate::profile::scope(crate::profile::Family::BatchNorm);
-    let dev = x.check_same(op, &[dy, gamma, &stats.mean, &stats.invstd])?;
+    let dev = x.check_same_dtype(op, &[dy])?;
+    Tensor::check_f32_on(op, dev, &[gamma, &stats.mean, &stats.invstd])?;
     let dims = bn_dims(op, x, &[gamma, &stats.mean, &stats.invstd])?;
     crate::ensure_shape!(dy.shape() == x.shape(), op, "dy {:?} != x {:?}", dy.shape(), x.shape());
     if let Some(y) = relu_out {
-        y.check_same(op, &[x])?;
+        y.check_same_dtype(op, &[x])?;
         crate::ensure_shape!(y.shape() == x.shape(), op, "y {:?} != x {:?}", y.shape(), x.shape());
     }
     match dev {
-        Device::Cpu => match relu_out {
-            Some(y) => cpu::batchnorm_backward_train(&relu_backward(dy, y)?, x, gamma, stats, dims),
-            None => cpu::batchnorm_backward_train(dy, x, gamma, stats, dims),
-        },
+        Device::Cpu => {
+            let (dx, dgamma, dbeta) = match relu_out {
+                Some(y) => cpu::batchnorm_backward_train(&relu_backward(dy, y)?, x, gamma, stats, dims)?,
+                None => cpu::batchnorm_backward_train(dy, x, gamma, stats, dims)?,
+            };
+            Ok((dx.rounded_to(x.dtype())?, dgamma, dbeta))
+        }
         Device::Cuda => cuda::batchnorm_backward_train(dy, relu_out, x, gamma, stats, dims),
     }
 }
@@ -109,10 +118,11 @@ pub fn batchnorm_forward_eval(
 ) -> Result<Tensor> {
     let _p = crate::profile::scope(crate::profile::Family::BatchNorm);
     const OP: &str = "batchnorm_forward_eval";
-    let dev = x.check_same(OP, &[gamma, beta, running_mean, running_var])?;
+    let dev = x.check_same_dtype(OP, &[])?;
+    Tensor::check_f32_on(OP, dev, &[gamma, beta, running_mean, running_var])?;
     let dims = bn_dims(OP, x, &[gamma, beta, running_mean, running_var])?;
     match dev {
-        Device::Cpu => cpu::batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, eps, dims),
+        Device::Cpu => cpu::batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, eps, dims)?.rounded_to(x.dtype()),
         Device::Cuda => cuda::batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, eps, dims),
     }
 }
@@ -128,11 +138,15 @@ pub fn batchnorm_backward_eval(
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let _p = crate::profile::scope(crate::profile::Family::BatchNorm);
     const OP: &str = "batchnorm_backward_eval";
-    let dev = x.check_same(OP, &[dy, gamma, running_mean, running_var])?;
+    let dev = x.check_same_dtype(OP, &[dy])?;
+    Tensor::check_f32_on(OP, dev, &[gamma, running_mean, running_var])?;
     let dims = bn_dims(OP, x, &[gamma, running_mean, running_var])?;
     crate::ensure_shape!(dy.shape() == x.shape(), OP, "dy {:?} != x {:?}", dy.shape(), x.shape());
     match dev {
-        Device::Cpu => cpu::batchnorm_backward_eval(dy, x, gamma, running_mean, running_var, eps, dims),
+        Device::Cpu => {
+            let (dx, dgamma, dbeta) = cpu::batchnorm_backward_eval(dy, x, gamma, running_mean, running_var, eps, dims)?;
+            Ok((dx.rounded_to(x.dtype())?, dgamma, dbeta))
+        }
         Device::Cuda => cuda::batchnorm_backward_eval(dy, x, gamma, running_mean, running_var, eps, dims),
     }
 }

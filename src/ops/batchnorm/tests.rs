@@ -277,3 +277,50 @@ fn shape_errors_name_the_op() {
     let (mut rm, mut rv) = (wrong.clone(), t.running_var.clone());
     expect(batchnorm_update_running(&mut rm, &mut rv, &stats, BN_MOMENTUM), "batchnorm_update_running");
 }
+
+#[test]
+fn bf16_batchnorm_keeps_parameters_and_statistics_f32() {
+    use crate::tensor::DType::{BF16, F32};
+    use crate::testing::check_bf16_op;
+    let mut rng = Rng::new(43);
+    for shape in [vec![4, 3, 5, 6], vec![8, 5]] {
+        let c = shape[1];
+        let x = Tensor::randn(&shape, 2.0, &mut rng);
+        let dy = Tensor::randn(&shape, 1.0, &mut rng);
+        let gamma = Tensor::rand_uniform(&[c], 0.5, 1.5, &mut rng);
+        let beta = Tensor::randn(&[c], 1.0, &mut rng);
+        let mean = Tensor::randn(&[c], 1.0, &mut rng);
+        let var = Tensor::rand_uniform(&[c], 0.5, 2.0, &mut rng);
+        let stats_out = |y: Tensor, s: BnBatchStats| vec![y, s.mean, s.invstd, s.var_unbiased];
+        let train = [BF16, F32, F32, F32];
+        check_bf16_op("batchnorm_forward_train", &[x.clone(), gamma.clone(), beta.clone()], &[true, false, false], &train, |t| {
+            let (y, s) = batchnorm_forward_train(&t[0], &t[1], &t[2], BN_EPS)?;
+            Ok(stats_out(y, s))
+        });
+        check_bf16_op("batchnorm_relu_forward_train", &[x.clone(), gamma.clone(), beta.clone()], &[true, false, false], &train, |t| {
+            let (y, s) = batchnorm_relu_forward_train(&t[0], &t[1], &t[2], BN_EPS)?;
+            Ok(stats_out(y, s))
+        });
+        let grads = [BF16, F32, F32];
+        let inputs = [dy.clone(), x.clone(), gamma.clone(), beta.clone()];
+        check_bf16_op("batchnorm_backward_train", &inputs, &[true, true, false, false], &grads, |t| {
+            let (_, s) = batchnorm_forward_train(&t[1], &t[2], &t[3], BN_EPS)?;
+            let (dx, dg, db) = batchnorm_backward_train(&t[0], &t[1], &t[2], &s)?;
+            Ok(vec![dx, dg, db])
+        });
+        check_bf16_op("batchnorm_relu_backward_train", &inputs, &[true, true, false, false], &grads, |t| {
+            let (y, s) = batchnorm_relu_forward_train(&t[1], &t[2], &t[3], BN_EPS)?;
+            let (dx, dg, db) = batchnorm_relu_backward_train(&t[0], &y, &t[1], &t[2], &s)?;
+            Ok(vec![dx, dg, db])
+        });
+        let eval_inputs = [x.clone(), gamma.clone(), beta.clone(), mean.clone(), var.clone()];
+        check_bf16_op("batchnorm_forward_eval", &eval_inputs, &[true, false, false, false, false], &[BF16], |t| {
+            Ok(vec![batchnorm_forward_eval(&t[0], &t[1], &t[2], &t[3], &t[4], BN_EPS)?])
+        });
+        let inputs = [dy.clone(), x.clone(), gamma.clone(), mean.clone(), var.clone()];
+        check_bf16_op("batchnorm_backward_eval", &inputs, &[true, true, false, false, false], &grads, |t| {
+            let (dx, dg, db) = batchnorm_backward_eval(&t[0], &t[1], &t[2], &t[3], &t[4], BN_EPS)?;
+            Ok(vec![dx, dg, db])
+        });
+    }
+}

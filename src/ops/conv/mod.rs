@@ -1,5 +1,8 @@
 //! 2-d convolution (NCHW input, OIHW weights, square kernels), any stride, padding and group count,
 //! depthwise included, with optional bias.
+//!
+//! x, w, dy, y, dx and dw share one dtype (f32 or bf16); the bias and its gradient are f32 (added
+//! in f32 before the output is rounded).
 
 mod cpu;
 mod cuda;
@@ -62,12 +65,12 @@ fn check_bias(w: &Tensor, bias: Option<&Tensor>) -> Result<()> {
 
 pub fn conv2d_forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, cfg: Conv2dCfg) -> Result<Tensor> {
     let _p = crate::profile::scope(crate::profile::Family::Conv);
-    let others: Vec<&Tensor> = std::iter::once(w).chain(bias).collect();
-    let dev = x.check_same("conv2d_forward", &others)?;
+    let dev = x.check_same_dtype("conv2d_forward", &[w])?;
+    Tensor::check_f32_on("conv2d_forward (bias)", dev, bias.as_slice())?;
     let y_shape = conv2d_output_shape(x.shape(), w.shape(), cfg)?;
     check_bias(w, bias)?;
     match dev {
-        Device::Cpu => cpu::conv2d_forward(x, w, bias, cfg, &y_shape),
+        Device::Cpu => cpu::conv2d_forward(x, w, bias, cfg, &y_shape)?.rounded_to(x.dtype()),
         Device::Cuda => cuda::conv2d_forward(x, w, bias, cfg, &y_shape),
     }
 }
@@ -75,11 +78,11 @@ pub fn conv2d_forward(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, cfg: Conv2d
 /// Gradient with respect to the input.
 pub fn conv2d_backward_data(dy: &Tensor, w: &Tensor, x_shape: &[usize], cfg: Conv2dCfg) -> Result<Tensor> {
     let _p = crate::profile::scope(crate::profile::Family::Conv);
-    let dev = dy.check_same("conv2d_backward_data", &[w])?;
+    let dev = dy.check_same_dtype("conv2d_backward_data", &[w])?;
     let y_shape = conv2d_output_shape(x_shape, w.shape(), cfg)?;
     crate::ensure_shape!(dy.shape() == y_shape, "conv2d_backward_data", "dy {:?} != output {:?}", dy.shape(), y_shape);
     match dev {
-        Device::Cpu => cpu::conv2d_backward_data(dy, w, x_shape, cfg),
+        Device::Cpu => cpu::conv2d_backward_data(dy, w, x_shape, cfg)?.rounded_to(dy.dtype()),
         Device::Cuda => cuda::conv2d_backward_data(dy, w, x_shape, cfg),
     }
 }
@@ -87,19 +90,19 @@ pub fn conv2d_backward_data(dy: &Tensor, w: &Tensor, x_shape: &[usize], cfg: Con
 /// Gradient with respect to the weight.
 pub fn conv2d_backward_filter(dy: &Tensor, x: &Tensor, w_shape: &[usize], cfg: Conv2dCfg) -> Result<Tensor> {
     let _p = crate::profile::scope(crate::profile::Family::Conv);
-    let dev = dy.check_same("conv2d_backward_filter", &[x])?;
+    let dev = dy.check_same_dtype("conv2d_backward_filter", &[x])?;
     let y_shape = conv2d_output_shape(x.shape(), w_shape, cfg)?;
     crate::ensure_shape!(dy.shape() == y_shape, "conv2d_backward_filter", "dy {:?} != output {:?}", dy.shape(), y_shape);
     match dev {
-        Device::Cpu => cpu::conv2d_backward_filter(dy, x, w_shape, cfg),
+        Device::Cpu => cpu::conv2d_backward_filter(dy, x, w_shape, cfg)?.rounded_to(dy.dtype()),
         Device::Cuda => cuda::conv2d_backward_filter(dy, x, w_shape, cfg),
     }
 }
 
-/// Gradient with respect to the bias: dy summed over N, H and W.
+/// Gradient with respect to the bias: dy summed over N, H and W, f32 whatever dy's dtype.
 pub fn conv2d_backward_bias(dy: &Tensor) -> Result<Tensor> {
     let _p = crate::profile::scope(crate::profile::Family::Conv);
-    let dev = dy.check_same("conv2d_backward_bias", &[])?;
+    let dev = dy.check_same_dtype("conv2d_backward_bias", &[])?;
     dy.dims4("conv2d_backward_bias")?;
     match dev {
         Device::Cpu => cpu::conv2d_backward_bias(dy),

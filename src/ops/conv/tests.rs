@@ -190,3 +190,34 @@ fn shape_errors_name_the_op() {
     expect_shape_error(conv2d_backward_filter(&dy, &x, w.shape(), cfg), "backward filter dy");
     expect_shape_error(conv2d_backward_bias(&Tensor::randn(&[2, 4], 1.0, &mut rng)), "backward bias rank");
 }
+
+#[test]
+fn bf16_conv_rounds_the_f32_result_once_and_keeps_bias_f32() {
+    use crate::tensor::DType::{BF16, F32};
+    use crate::testing::check_bf16_op;
+    let mut rng = Rng::new(41);
+    // Dense 3x3 stride 2, grouped, depthwise (the engine's dwconv path) and 1x1.
+    for (cin, cout, k, cfg) in [
+        (4, 6, 3, Conv2dCfg::new(2, 1, 1)),
+        (4, 6, 3, Conv2dCfg::new(1, 1, 2)),
+        (6, 6, 3, Conv2dCfg::new(1, 1, 6)),
+        (5, 3, 1, Conv2dCfg::new(1, 0, 1)),
+    ] {
+        let x = Tensor::randn(&[2, cin, 7, 6], 1.0, &mut rng);
+        let w = Tensor::randn(&[cout, cin / cfg.groups, k, k], 0.5, &mut rng);
+        let b = Tensor::randn(&[cout], 1.0, &mut rng);
+        let y_shape = conv2d_output_shape(x.shape(), w.shape(), cfg).unwrap();
+        let dy = Tensor::randn(&y_shape, 1.0, &mut rng);
+        let name = format!("conv2d {cfg:?}");
+        check_bf16_op(&name, &[x.clone(), w.clone(), b], &[true, true, false], &[BF16], |t| {
+            Ok(vec![conv2d_forward(&t[0], &t[1], Some(&t[2]), cfg)?])
+        });
+        check_bf16_op(&name, &[dy.clone(), w.clone()], &[true, true], &[BF16], |t| {
+            Ok(vec![conv2d_backward_data(&t[0], &t[1], x.shape(), cfg)?])
+        });
+        check_bf16_op(&name, &[dy.clone(), x.clone()], &[true, true], &[BF16], |t| {
+            Ok(vec![conv2d_backward_filter(&t[0], &t[1], w.shape(), cfg)?])
+        });
+        check_bf16_op(&name, &[dy], &[true], &[F32], |t| Ok(vec![conv2d_backward_bias(&t[0])?]));
+    }
+}

@@ -291,3 +291,37 @@ fn concat_narrow_errors() {
     assert!(matches!(narrow(&a, 1, 2, 2), Err(Error::Shape { op: "narrow", .. })));
     assert!(matches!(narrow(&a, 2, 0, 1), Err(Error::Shape { op: "narrow", .. })));
 }
+
+#[test]
+fn bf16_elementwise_ops_round_the_f32_result_once() {
+    use crate::tensor::DType::BF16;
+    use crate::testing::check_bf16_op;
+    let x = randn(&[2, 3, 4, 5], 61);
+    let dy = randn(&[2, 3, 4, 5], 62);
+    let unary = |t: &[Tensor]| -> Result<Vec<Tensor>> { Ok(vec![relu_forward(&t[0])?, sigmoid_forward(&t[0])?, scale(&t[0], 0.3)?]) };
+    check_bf16_op("relu/sigmoid/scale", std::slice::from_ref(&x), &[true], &[BF16; 3], unary);
+    // The backward ops take the forward outputs as inputs.
+    let (relu_y, sigmoid_y) = (relu_forward(&x).unwrap(), sigmoid_forward(&x).unwrap());
+    check_bf16_op("relu_backward/sigmoid_backward", &[dy.clone(), relu_y, sigmoid_y], &[true, true, true], &[BF16; 2], |t| {
+        Ok(vec![relu_backward(&t[0], &t[1])?, sigmoid_backward(&t[0], &t[2])?])
+    });
+    // The gate [N, C, 1, 1] of the channel attention, a full-size gate, a broadcast row.
+    for b_shape in [&[2, 3, 1, 1][..], &[2, 3, 4, 5], &[5]] {
+        let b = randn(b_shape, 63);
+        check_bf16_op("add/mul", &[x.clone(), b.clone()], &[true, true], &[BF16; 2], |t| Ok(vec![add(&t[0], &t[1])?, mul(&t[0], &t[1])?]));
+        check_bf16_op("mul_backward", &[dy.clone(), x.clone(), b.clone()], &[true, true, true], &[BF16; 2], |t| {
+            let (da, db) = mul_backward(&t[0], &t[1], &t[2])?;
+            Ok(vec![da, db])
+        });
+        check_bf16_op("sum_to_shape", std::slice::from_ref(&x), &[true], &[BF16], |t| Ok(vec![sum_to_shape(&t[0], b_shape)?]));
+        check_bf16_op("broadcast_to", &[b], &[true], &[BF16], |t| Ok(vec![broadcast_to(&t[0], x.shape())?]));
+    }
+    let y = randn(&[2, 2, 4, 5], 64);
+    check_bf16_op("concat/narrow", &[x.clone(), y], &[true, true], &[BF16; 2], |t| {
+        Ok(vec![concat(&[&t[0], &t[1]], 1)?, narrow(&t[0], 1, 1, 2)?])
+    });
+    // The reductions that feed the losses and the eval features stay f32.
+    let xb = x.reshape(&[6, 20]).unwrap().to_dtype(BF16).unwrap();
+    assert!(matches!(sum_all(&xb), Err(Error::DType { .. })));
+    assert!(matches!(l2_normalize_forward(&xb), Err(Error::DType { .. })));
+}

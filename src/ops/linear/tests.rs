@@ -77,3 +77,11 @@ fn shape_errors_name_the_op() {
     assert!(matches!(linear_forward(&randn(&[4, 6, 1], 0), &w, None), Err(Error::Shape { op: "linear_forward", .. })));
     assert!(matches!(linear_backward(&randn(&[4, 4], 3), &x, &w), Err(Error::Shape { op: "linear_backward", .. })));
 }
+
+#[test]
+fn linear_is_f32_only() {
+    use crate::tensor::DType::BF16;
+    let (x, w) = (randn(&[3, 4], 72), randn(&[5, 4], 73));
+    assert!(matches!(linear_forward(&x.to_dtype(BF16).unwrap(), &w, None), Err(Error::DTypeMismatch { .. })));
+    assert!(matches!(linear_forward(&x.to_dtype(BF16).unwrap(), &w.to_dtype(BF16).unwrap(), None), Err(Error::DType { .. })));
+}

@@ -279,3 +279,10 @@ fn center_errors() {
     assert!(matches!(center_loss_forward(&x, &[0, 1, 2, 3], &randn(&[5, 4], 1.0, 2)), Err(Error::Shape { op: "center_loss", .. })));
     assert!(matches!(center_loss_backward(&one(), &x, &[0], &c), Err(Error::Shape { op: "center_loss_backward", .. })));
 }
+
+#[test]
+fn losses_are_f32_only() {
+    let x = randn(&[4, 6], 1.0, 74).to_dtype(crate::tensor::DType::BF16).unwrap();
+    assert!(matches!(cross_entropy_label_smooth_forward(&x, &[0, 1, 2, 3], 0.1), Err(Error::DType { .. })));
+    assert!(matches!(triplet_soft_margin_forward(&x, &[0, 0, 1, 1]), Err(Error::DType { .. })));
+}

@@ -1,5 +1,7 @@
 //! Pooling: max pool (pads with -inf), average pool (count includes padding, as PyTorch's default),
 //! global average and max pools to [N, C, 1, 1], and the part-level stripe pool.
+//!
+//! Input, output and gradients share one dtype, f32 or bf16 (computed in f32, rounded once).
 
 mod cpu;
 mod cuda;
@@ -42,10 +44,10 @@ fn check_dy(op: &'static str, dy: &Tensor, expected: &[usize]) -> Result<()> {
 
 pub fn max_pool2d_forward(x: &Tensor, cfg: Pool2dCfg) -> Result<Tensor> {
     let _p = crate::profile::scope(crate::profile::Family::Pool);
-    let dev = x.check_same("max_pool2d_forward", &[])?;
+    let dev = x.check_same_dtype("max_pool2d_forward", &[])?;
     let y = pool2d_output_shape("max_pool2d_forward", x.shape(), cfg)?;
     match dev {
-        Device::Cpu => cpu::max_pool2d_forward(x, cfg, &y),
+        Device::Cpu => cpu::max_pool2d_forward(x, cfg, &y)?.rounded_to(x.dtype()),
         Device::Cuda => cuda::max_pool2d_forward(x, cfg, &y),
     }
 }
@@ -53,32 +55,32 @@ pub fn max_pool2d_forward(x: &Tensor, cfg: Pool2dCfg) -> Result<Tensor> {
 /// The gradient goes to the first maximum of each window (PyTorch's tie rule), found again from x.
 pub fn max_pool2d_backward(dy: &Tensor, x: &Tensor, cfg: Pool2dCfg) -> Result<Tensor> {
     let _p = crate::profile::scope(crate::profile::Family::Pool);
-    let dev = x.check_same("max_pool2d_backward", &[dy])?;
+    let dev = x.check_same_dtype("max_pool2d_backward", &[dy])?;
     let y = pool2d_output_shape("max_pool2d_backward", x.shape(), cfg)?;
     check_dy("max_pool2d_backward", dy, &y)?;
     match dev {
-        Device::Cpu => cpu::max_pool2d_backward(dy, x, cfg),
+        Device::Cpu => cpu::max_pool2d_backward(dy, x, cfg)?.rounded_to(dy.dtype()),
         Device::Cuda => cuda::max_pool2d_backward(dy, x, cfg),
     }
 }
 
 pub fn avg_pool2d_forward(x: &Tensor, cfg: Pool2dCfg) -> Result<Tensor> {
     let _p = crate::profile::scope(crate::profile::Family::Pool);
-    let dev = x.check_same("avg_pool2d_forward", &[])?;
+    let dev = x.check_same_dtype("avg_pool2d_forward", &[])?;
     let y = pool2d_output_shape("avg_pool2d_forward", x.shape(), cfg)?;
     match dev {
-        Device::Cpu => cpu::avg_pool2d_forward(x, cfg, &y),
+        Device::Cpu => cpu::avg_pool2d_forward(x, cfg, &y)?.rounded_to(x.dtype()),
         Device::Cuda => cuda::avg_pool2d_forward(x, cfg, &y),
     }
 }
 
 pub fn avg_pool2d_backward(dy: &Tensor, x_shape: &[usize], cfg: Pool2dCfg) -> Result<Tensor> {
     let _p = crate::profile::scope(crate::profile::Family::Pool);
-    let dev = dy.check_same("avg_pool2d_backward", &[])?;
+    let dev = dy.check_same_dtype("avg_pool2d_backward", &[])?;
     let y = pool2d_output_shape("avg_pool2d_backward", x_shape, cfg)?;
     check_dy("avg_pool2d_backward", dy, &y)?;
     match dev {
-        Device::Cpu => cpu::avg_pool2d_backward(dy, x_shape, cfg),
+        Device::Cpu => cpu::avg_pool2d_backward(dy, x_shape, cfg)?.rounded_to(dy.dtype()),
         Device::Cuda => cuda::avg_pool2d_backward(dy, x_shape, cfg),
     }
 }
@@ -86,21 +88,21 @@ pub fn avg_pool2d_backward(dy: &Tensor, x_shape: &[usize], cfg: Pool2dCfg) -> Re
 /// [N, C, H, W] -> [N, C, 1, 1] mean over H and W.
 pub fn global_avg_pool_forward(x: &Tensor) -> Result<Tensor> {
     let _p = crate::profile::scope(crate::profile::Family::Pool);
-    let dev = x.check_same("global_avg_pool_forward", &[])?;
+    let dev = x.check_same_dtype("global_avg_pool_forward", &[])?;
     x.dims4("global_avg_pool_forward")?;
     match dev {
-        Device::Cpu => cpu::global_avg_pool_forward(x),
+        Device::Cpu => cpu::global_avg_pool_forward(x)?.rounded_to(x.dtype()),
         Device::Cuda => cuda::global_avg_pool_forward(x),
     }
 }
 
 pub fn global_avg_pool_backward(dy: &Tensor, x_shape: &[usize]) -> Result<Tensor> {
     let _p = crate::profile::scope(crate::profile::Family::Pool);
-    let dev = dy.check_same("global_avg_pool_backward", &[])?;
+    let dev = dy.check_same_dtype("global_avg_pool_backward", &[])?;
     crate::ensure_shape!(x_shape.len() == 4, "global_avg_pool_backward", "expected NCHW input shape, got {x_shape:?}");
     check_dy("global_avg_pool_backward", dy, &[x_shape[0], x_shape[1], 1, 1])?;
     match dev {
-        Device::Cpu => cpu::global_avg_pool_backward(dy, x_shape),
+        Device::Cpu => cpu::global_avg_pool_backward(dy, x_shape)?.rounded_to(dy.dtype()),
         Device::Cuda => cuda::global_avg_pool_backward(dy, x_shape),
     }
 }
@@ -108,10 +110,10 @@ pub fn global_avg_pool_backward(dy: &Tensor, x_shape: &[usize]) -> Result<Tensor
 /// [N, C, H, W] -> [N, C, 1, 1] maximum over H and W.
 pub fn global_max_pool_forward(x: &Tensor) -> Result<Tensor> {
     let _p = crate::profile::scope(crate::profile::Family::Pool);
-    let dev = x.check_same("global_max_pool_forward", &[])?;
+    let dev = x.check_same_dtype("global_max_pool_forward", &[])?;
     x.dims4("global_max_pool_forward")?;
     match dev {
-        Device::Cpu => cpu::global_max_pool_forward(x),
+        Device::Cpu => cpu::global_max_pool_forward(x)?.rounded_to(x.dtype()),
         Device::Cuda => cuda::global_max_pool_forward(x),
     }
 }
@@ -119,11 +121,11 @@ pub fn global_max_pool_forward(x: &Tensor) -> Result<Tensor> {
 /// The gradient goes to the first maximum of each plane.
 pub fn global_max_pool_backward(dy: &Tensor, x: &Tensor) -> Result<Tensor> {
     let _p = crate::profile::scope(crate::profile::Family::Pool);
-    let dev = x.check_same("global_max_pool_backward", &[dy])?;
+    let dev = x.check_same_dtype("global_max_pool_backward", &[dy])?;
     let (n, c, _, _) = x.dims4("global_max_pool_backward")?;
     check_dy("global_max_pool_backward", dy, &[n, c, 1, 1])?;
     match dev {
-        Device::Cpu => cpu::global_max_pool_backward(dy, x),
+        Device::Cpu => cpu::global_max_pool_backward(dy, x)?.rounded_to(dy.dtype()),
         Device::Cuda => cuda::global_max_pool_backward(dy, x),
     }
 }
@@ -138,21 +140,21 @@ fn check_parts(op: &'static str, x_shape: &[usize], parts: usize) -> Result<()> 
 /// [p H/parts, (p+1) H/parts) of channel c. This is the official code's concatenation order.
 pub fn stripe_avg_pool_forward(x: &Tensor, parts: usize) -> Result<Tensor> {
     let _p = crate::profile::scope(crate::profile::Family::Pool);
-    let dev = x.check_same("stripe_avg_pool_forward", &[])?;
+    let dev = x.check_same_dtype("stripe_avg_pool_forward", &[])?;
     check_parts("stripe_avg_pool_forward", x.shape(), parts)?;
     match dev {
-        Device::Cpu => cpu::stripe_avg_pool_forward(x, parts),
+        Device::Cpu => cpu::stripe_avg_pool_forward(x, parts)?.rounded_to(x.dtype()),
         Device::Cuda => cuda::stripe_avg_pool_forward(x, parts),
     }
 }
 
 pub fn stripe_avg_pool_backward(dy: &Tensor, x_shape: &[usize], parts: usize) -> Result<Tensor> {
     let _p = crate::profile::scope(crate::profile::Family::Pool);
-    let dev = dy.check_same("stripe_avg_pool_backward", &[])?;
+    let dev = dy.check_same_dtype("stripe_avg_pool_backward", &[])?;
     check_parts("stripe_avg_pool_backward", x_shape, parts)?;
     check_dy("stripe_avg_pool_backward", dy, &[x_shape[0], parts * x_shape[1]])?;
     match dev {
-        Device::Cpu => cpu::stripe_avg_pool_backward(dy, x_shape, parts),
+        Device::Cpu => cpu::stripe_avg_pool_backward(dy, x_shape, parts)?.rounded_to(dy.dtype()),
         Device::Cuda => cuda::stripe_avg_pool_backward(dy, x_shape, parts),
     }
 }

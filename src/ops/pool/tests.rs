@@ -211,3 +211,35 @@ fn shape_errors_name_the_op() {
     expect(global_avg_pool_forward(&Tensor::randn(&[2, 3, 0, 4], 1.0, &mut rng)), "global_avg_pool_forward");
     expect(global_avg_pool_backward(&Tensor::randn(&[2, 3, 1, 1], 1.0, &mut rng), &[2, 4, 5, 5]), "global_avg_pool_backward");
 }
+
+#[test]
+fn bf16_pools_round_the_f32_result_once() {
+    use crate::tensor::DType::BF16;
+    use crate::testing::check_bf16_op;
+    let mut rng = Rng::new(47);
+    let x = Tensor::randn(&[2, 3, 8, 6], 1.0, &mut rng);
+    let shape = x.shape().to_vec();
+    let dy_of = |s: &[usize], rng: &mut Rng| Tensor::randn(s, 1.0, rng);
+    for cfg in [Pool2dCfg::new(3, 2, 1), Pool2dCfg::new(2, 2, 0)] {
+        let y_shape = pool2d_output_shape("test", &shape, cfg).unwrap();
+        let dy = dy_of(&y_shape, &mut rng);
+        check_bf16_op("max_pool2d_forward", std::slice::from_ref(&x), &[true], &[BF16], |t| Ok(vec![max_pool2d_forward(&t[0], cfg)?]));
+        check_bf16_op("max_pool2d_backward", &[dy.clone(), x.clone()], &[true, true], &[BF16], |t| {
+            Ok(vec![max_pool2d_backward(&t[0], &t[1], cfg)?])
+        });
+        check_bf16_op("avg_pool2d_forward", std::slice::from_ref(&x), &[true], &[BF16], |t| Ok(vec![avg_pool2d_forward(&t[0], cfg)?]));
+        check_bf16_op("avg_pool2d_backward", &[dy], &[true], &[BF16], |t| Ok(vec![avg_pool2d_backward(&t[0], &shape, cfg)?]));
+    }
+    let dy = dy_of(&[2, 3, 1, 1], &mut rng);
+    check_bf16_op("global_avg_pool_forward", std::slice::from_ref(&x), &[true], &[BF16], |t| Ok(vec![global_avg_pool_forward(&t[0])?]));
+    check_bf16_op("global_avg_pool_backward", std::slice::from_ref(&dy), &[true], &[BF16], |t| {
+        Ok(vec![global_avg_pool_backward(&t[0], &shape)?])
+    });
+    check_bf16_op("global_max_pool_forward", std::slice::from_ref(&x), &[true], &[BF16], |t| Ok(vec![global_max_pool_forward(&t[0])?]));
+    check_bf16_op("global_max_pool_backward", &[dy, x.clone()], &[true, true], &[BF16], |t| {
+        Ok(vec![global_max_pool_backward(&t[0], &t[1])?])
+    });
+    let dy = dy_of(&[2, 4 * 3], &mut rng);
+    check_bf16_op("stripe_avg_pool_forward", std::slice::from_ref(&x), &[true], &[BF16], |t| Ok(vec![stripe_avg_pool_forward(&t[0], 4)?]));
+    check_bf16_op("stripe_avg_pool_backward", &[dy], &[true], &[BF16], |t| Ok(vec![stripe_avg_pool_backward(&t[0], &shape, 4)?]));
+}
