@@ -24,8 +24,9 @@ model: multiply-adds counted with hooks, plus the position-attention matrix prod
 bytes; the H100 bounds of docs/PERFORMANCE.md).
 
 With --engine PATH it also runs `PATH bench --json ...` with the same batch, size, classes,
-iteration counts and threads, and prints one table with the engine and every PyTorch configuration
-and their ratios to the engine.
+iteration counts and threads, once per --engine-configs variant (precision f32 or bf16, +graph for
+the CUDA-graph replayed step), and prints one table with every engine variant and every PyTorch
+configuration and their ratios to the first engine variant.
 """
 
 import argparse
@@ -64,6 +65,12 @@ def parse_args():
     p.add_argument("--threads", type=int, default=0, help="CPU threads for both (0: one per core)")
     p.add_argument("--configs", default=None, help=f"comma-separated subset of {','.join(CONFIGS)}")
     p.add_argument("--engine", default=None, help="plr-engine binary to run in the same invocation")
+    p.add_argument(
+        "--engine-configs",
+        default=None,
+        help="comma-separated engine variants, each a precision (f32 or bf16) with an optional +graph "
+        "(CUDA graph replay); the first is the reference of the ratio columns [CUDA: bf16+graph,bf16,f32+graph,f32; CPU: f32]",
+    )
     p.add_argument("--json", default=None, help="also write all results to this file")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cost", action="store_true", help="print the training-step cost model and exit")
@@ -87,6 +94,14 @@ def parse_args():
         p.error("--device cuda: this PyTorch build sees no CUDA device")
     if a.engine is not None and not os.access(a.engine, os.X_OK):
         p.error(f"--engine {a.engine}: not an executable file")
+    default_engine = "bf16+graph,bf16,f32+graph,f32" if gpu else "f32"
+    a.engine_configs = [c.strip() for c in (a.engine_configs or default_engine).split(",") if c.strip()]
+    for c in a.engine_configs:
+        prec, _, rest = c.partition("+")
+        if prec not in ("f32", "bf16") or rest not in ("", "graph"):
+            p.error(f"--engine-configs: {c!r} is not f32|bf16 with an optional +graph")
+        if rest and not gpu:
+            p.error(f"--engine-configs: {c!r}: CUDA graphs need --device cuda")
     return a
 
 
@@ -252,7 +267,10 @@ def cost_model(a):
           f"{H100_REALISTIC_FLOPS[0] / train_flop:.0f}-{H100_REALISTIC_FLOPS[1] / train_flop:.0f} img/s")
 
 
-def run_engine(a):
+def run_engine(a, config):
+    """`plr-engine bench` in one variant; returns its JSON report with the variant's training
+    throughput (the graph replay's when +graph) as report["train_img_per_s"]."""
+    precision, _, graph = config.partition("+")
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "bench.json")
         cmd = [
@@ -261,14 +279,22 @@ def run_engine(a):
             "--width", str(a.width), "--height", str(a.height), "--width-px", str(a.width_px),
             "--classes", str(a.classes), "--warmup", str(a.warmup), "--iters", str(a.iters),
             "--eval-batch", str(a.eval_batch), "--profile-iters", "0", "--threads", str(a.threads),
-            "--seed", str(a.seed), "--json", path,
-        ]  # fmt: skip
+            "--seed", str(a.seed), "--json", path, "--precision", precision,
+        ] + (["--cuda-graph"] if graph else [])  # fmt: skip
         print("$ " + " ".join(cmd), flush=True)
         proc = subprocess.run(cmd)
         if proc.returncode != 0:
             sys.exit(f"error: {a.engine} bench exited with status {proc.returncode}")
         with open(path) as f:
-            return json.load(f)
+            e = json.load(f)
+    e["train_img_per_s"] = e["train"]["img_per_s"]
+    if graph:
+        g = e.get("cuda_graph")
+        if not isinstance(g, dict) or "img_per_s" not in g:
+            print(f"warning: engine {config}: no graph timing ({g}); the row shows the eager step", file=sys.stderr)
+        else:
+            e["train_img_per_s"] = g["img_per_s"]
+    return e
 
 
 def fmt(v, spec):
@@ -280,11 +306,12 @@ def mib(b):
 
 
 def print_table(rows, engine):
-    """rows: (name, train img/s, infer img/s, train peak bytes, infer peak bytes)."""
+    """rows: (name, train img/s, infer img/s, train peak bytes, infer peak bytes); with the engine,
+    the ratio columns divide the first row (the first engine variant) by each row."""
     ref = rows[0] if engine else None
     head = f"{'':<26} {'train img/s':>11} {'infer img/s':>11} {'train MiB':>9} {'infer MiB':>9}"
     if ref:
-        head += f" {'engine/this train':>17} {'engine/this infer':>17}"
+        head += f" {'ref/this train':>17} {'ref/this infer':>17}"
     print(head)
     for name, tr, inf, ptr, pinf in rows:
         line = f"{name:<26} {fmt(tr, '11.2f')} {fmt(inf, '11.2f')} {fmt(mib(ptr), '9.0f')} {fmt(mib(pinf), '9.0f')}"
@@ -311,12 +338,14 @@ def main():
     report = {"torch": torch.__version__, "device": a.device, "device_name": desc, "threads": threads, "pytorch": []}
     rows = []
     if a.engine:
-        e = run_engine(a)
-        report["engine"] = e
-        if a.device == "cpu" and e.get("threads") != threads:
-            print(f"warning: the engine ran {e.get('threads')} threads, PyTorch {threads}", file=sys.stderr)
-        inf = e.get("infer") or {}
-        rows.append(("plr-engine", e["train"]["img_per_s"], inf.get("img_per_s"), e["train"].get("peak_memory_bytes"), inf.get("peak_memory_bytes")))
+        report["engine"] = {}
+        for config in a.engine_configs:
+            e = run_engine(a, config)
+            report["engine"][config] = e
+            if a.device == "cpu" and e.get("threads") != threads:
+                print(f"warning: the engine ran {e.get('threads')} threads, PyTorch {threads}", file=sys.stderr)
+            inf = e.get("infer") or {}
+            rows.append((f"plr-engine {config}", e["train_img_per_s"], inf.get("img_per_s"), e["train"].get("peak_memory_bytes"), inf.get("peak_memory_bytes")))
     for name in a.configs:
         print(f"PyTorch {name} ...", flush=True)
         r = run_config(name, a, device)
