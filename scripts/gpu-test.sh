@@ -10,9 +10,11 @@
 #                                    fails) and tees the logs into $OUT (default .carry/out); extra
 #                                    args go to each binary (e.g. a test name filter); exits
 #                                    non-zero if any binary failed
-#   scripts/gpu-test.sh speed        (on the GPU machine) plr-engine bench on CUDA (our depthwise
-#                                    kernels, then cuDNN's) and tools/compare_pytorch.py --device cuda
-#                                    with the engine in the same invocation; logs and JSON into $OUT
+#   scripts/gpu-test.sh speed        (on the GPU machine) plr-engine bench on CUDA in bf16 with the
+#                                    CUDA graph and the op-family profile, the same with cuDNN's
+#                                    depthwise convolutions, then tools/compare_pytorch.py --device
+#                                    cuda with the engine variants bf16+graph, bf16, f32+graph, f32
+#                                    in the same invocation; logs and JSON into $OUT
 #   scripts/gpu-test.sh kernels      (on the GPU machine) the criterion kernel benches
 #                                    (benches/kernels_cuda.rs), criterion's files into $OUT/criterion
 set -euo pipefail
@@ -89,9 +91,10 @@ gpu_env() {
 speed() {
     local out="${OUT:-$CARRY/out}"
     gpu_env "$out"
-    "$CARRY/plr-engine" bench --device cuda --json "$out/bench-engine.json" 2>&1 | tee "$out/bench-engine.log"
-    PLR_DEPTHWISE=cudnn "$CARRY/plr-engine" bench --device cuda --json "$out/bench-engine-cudnn-depthwise.json" 2>&1 |
-        tee "$out/bench-engine-cudnn-depthwise.log"
+    "$CARRY/plr-engine" bench --device cuda --precision bf16 --cuda-graph --json "$out/bench-engine.json" 2>&1 |
+        tee "$out/bench-engine.log"
+    PLR_DEPTHWISE=cudnn "$CARRY/plr-engine" bench --device cuda --precision bf16 --profile-iters 0 \
+        --json "$out/bench-engine-cudnn-depthwise.json" 2>&1 | tee "$out/bench-engine-cudnn-depthwise.log"
     python3 tools/compare_pytorch.py --device cuda --engine "$CARRY/plr-engine" --json "$out/compare.json" 2>&1 | tee "$out/compare.log"
 }
 
