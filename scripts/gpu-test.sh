@@ -15,6 +15,11 @@
 #                                    depthwise convolutions, then tools/compare_pytorch.py --device
 #                                    cuda with the engine variants bf16+graph, bf16, f32+graph, f32
 #                                    in the same invocation; logs and JSON into $OUT
+#   scripts/gpu-test.sh train        (on the GPU machine) the zero-config quick start on CUDA in f32,
+#                                    bf16, and bf16 with --cuda-graph (issue 6: bf16 reaches the f32
+#                                    mAP within one point; the graph changes nothing but speed);
+#                                    runs in runs/gpu-train-*, logs and log.jsonl copies in $OUT, the
+#                                    final evaluation of each printed
 #   scripts/gpu-test.sh kernels      (on the GPU machine) the criterion kernel benches
 #                                    (benches/kernels_cuda.rs), criterion's files into $OUT/criterion
 set -euo pipefail
@@ -98,6 +103,27 @@ speed() {
     python3 tools/compare_pytorch.py --device cuda --engine "$CARRY/plr-engine" --json "$out/compare.json" 2>&1 | tee "$out/compare.log"
 }
 
+train() {
+    local out="${OUT:-$CARRY/out}" variant start
+    gpu_env "$out"
+    for variant in f32 bf16 bf16-graph; do
+        # The run folder (with its synthetic dataset) stays out of $OUT; its log.jsonl is copied there.
+        local flags=(--device cuda --precision "${variant%-graph}" --output "runs/gpu-train-$variant")
+        [ "$variant" = bf16-graph ] && flags+=(--cuda-graph)
+        start=$SECONDS
+        "$CARRY/plr-engine" train "${flags[@]}" 2>&1 | tee "$out/train-$variant.log"
+        echo "train-$variant: $((SECONDS - start)) s wall" | tee -a "$out/train-$variant.log"
+        cp "runs/gpu-train-$variant/log.jsonl" "$out/train-$variant.jsonl"
+    done
+    for variant in f32 bf16 bf16-graph; do
+        python3 -c 'import json, sys
+e = [e for e in map(json.loads, open(sys.argv[1])) if e["event"] == "eval"][-1]
+m = e["report"]["metrics"]
+print("%s: epoch %d, mAP %.1f%%, rank-1 %.1f%%" % (sys.argv[2], e["epoch"], 100 * m["map"], 100 * m["rank1"]))' \
+            "$out/train-$variant.jsonl" "train-$variant" | tee -a "$out/train-summary.log"
+    done
+}
+
 kernels() {
     local out="${OUT:-$CARRY/out}"
     gpu_env "$out"
@@ -108,6 +134,7 @@ case "${1:-}" in
     build) build ;;
     run) shift; run "$@" ;;
     speed) speed ;;
+    train) train ;;
     kernels) shift; kernels "$@" ;;
-    *) echo "usage: $0 build | run [test-binary args] | speed | kernels [criterion filter]" >&2; exit 2 ;;
+    *) echo "usage: $0 build | run [test-binary args] | speed | train | kernels [criterion filter]" >&2; exit 2 ;;
 esac
