@@ -10,7 +10,9 @@ and every `--every` steps measures, on a fresh batch with bf16-exact input and c
 - `input 2^-9`: the f64 run on the input times (1 + 2^-9 N(0,1)), about one bf16 rounding:
   the smallest change any bf16 run makes, so no bf16 gradient can be asserted tighter than this;
 - `autocast bf16`: PyTorch's CPU bf16 autocast (what PyTorch's own bf16 reaches).
-Each is the norm-wise relative error of v1 and of the whole parameter gradient. It answers whether
+Each is the norm-wise relative error of v1 and of the whole parameter gradient. After the last step
+it prints the `input 2^-9` gradient error per top-level module, with training-mode and with
+eval-mode BatchNorm: where, going backwards, the error grows. It answers whether
 a golden taken from a trained checkpoint would be better conditioned than the random one
 (docs/DECISIONS.md, "bf16 mixed precision").
 """
@@ -51,9 +53,14 @@ class Synthetic:
         return self.templates[labels] * contrast + 0.5 * torch.randn(n, *self.shape, generator=self.gen), labels
 
 
-def train_step_grad(model, x, labels, centers, autocast=False):
-    """v1 and the whole gradient (f64) of one training-mode forward + PLR loss + backward."""
+def train_step_grad(model, x, labels, centers, autocast=False, eval_bn=False):
+    """Loss, v1 and the gradient (f64; whole, and per top-level module) of one forward_train + PLR
+    loss + backward."""
     model.train()
+    if eval_bn:
+        for m in model.modules():
+            if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
+                m.eval()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         outputs = model(x)
     outputs = [o.to(x.dtype) for o in outputs]
@@ -61,11 +68,16 @@ def train_step_grad(model, x, labels, centers, autocast=False):
     model.zero_grad(set_to_none=True)
     total.backward()
     # The PAM key biases have an analytically zero gradient (f64 round-off); leave them out.
-    grads = [p.grad.flatten() for n, p in sorted(model.named_parameters()) if p.grad is not None and "key_conv.bias" not in n]
-    return total.item(), outputs[2].detach().double(), torch.cat(grads).double()
+    grads = {n: p.grad.flatten().double() for n, p in model.named_parameters() if p.grad is not None and "key_conv.bias" not in n}
+    by_module = {}
+    for n, g in grads.items():
+        by_module.setdefault(n.split(".")[0], []).append(g)
+    by_module = {k: torch.cat(v) for k, v in by_module.items()}
+    return total.item(), outputs[2].detach().double(), torch.cat([grads[n] for n in sorted(grads)]), by_module
 
 
-def measure(model, data, centers, gen):
+def bf16_exact_batch(model, data, gen):
+    """A fresh batch, the f64 model with bf16-exact conv weights, and the input nudged by 2^-9."""
     x, labels = data.batch()
     x = bf16(x)
     exact = copy.deepcopy(model).double()
@@ -73,8 +85,13 @@ def measure(model, data, centers, gen):
         for p in exact.parameters():
             if p.dim() == 4:
                 p.copy_(bf16(p))
-    loss, v1, grad = train_step_grad(copy.deepcopy(exact), x.double(), labels, centers)
     nudged = x.double() * (1 + 2**-9 * torch.randn(x.shape, generator=gen, dtype=torch.float64))
+    return exact, x, labels, nudged
+
+
+def measure(model, data, centers, gen):
+    exact, x, labels, nudged = bf16_exact_batch(model, data, gen)
+    loss, v1, grad, _ = train_step_grad(copy.deepcopy(exact), x.double(), labels, centers)
     runs = {
         "f32": train_step_grad(copy.deepcopy(exact).float(), x, labels, centers),
         "input 2^-9": train_step_grad(copy.deepcopy(exact), nudged, labels, centers),
@@ -82,6 +99,18 @@ def measure(model, data, centers, gen):
     }
     cells = [f"{k} {norm_rel_err(v1, r[1]):.1e} / {norm_rel_err(grad, r[2]):.1e}" for k, r in runs.items()]
     return loss, "; ".join(cells)
+
+
+def by_module(model, data, centers, gen):
+    exact, x, labels, nudged = bf16_exact_batch(model, data, gen)
+    print("input 2^-9: gradient error per module (training-mode BN / eval-mode BN), from the loss backwards")
+    runs = [
+        (train_step_grad(copy.deepcopy(exact), x.double(), labels, centers, eval_bn=e)[3],
+         train_step_grad(copy.deepcopy(exact), nudged, labels, centers, eval_bn=e)[3])
+        for e in (False, True)
+    ]
+    for name in reversed(list(runs[0][0])):
+        print(f"  {name:18s} " + " / ".join(f"{norm_rel_err(a[name], b[name]):.1e}" for a, b in runs))
 
 
 def main():
@@ -114,6 +143,7 @@ def main():
             opt.zero_grad()
             total.backward()
             opt.step()
+    by_module(model, data, centers, gen)
 
 
 if __name__ == "__main__":
