@@ -6,7 +6,7 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::BnBatchStats;
+use super::{BnBatchStats, Running};
 use crate::error::Result;
 use crate::ops::cpu_util::{sum_dot_f64, written_vec};
 use crate::tensor::Tensor;
@@ -133,22 +133,14 @@ pub(super) fn batchnorm_backward_train(
 }
 
 /// 1 / sqrt(running_var + eps) per channel, in f64.
-fn eval_invstd(running_var: &[f32], eps: f32) -> Vec<f64> {
-    running_var.iter().map(|&v| 1.0 / (v as f64 + eps as f64).sqrt()).collect()
+fn eval_invstd(run: Running) -> Result<Vec<f64>> {
+    Ok(run.var.cpu_slice()?.iter().map(|&v| 1.0 / (v as f64 + run.eps as f64).sqrt()).collect())
 }
 
-pub(super) fn batchnorm_forward_eval(
-    x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    running_mean: &Tensor,
-    running_var: &Tensor,
-    eps: f32,
-    dims: Dims,
-) -> Result<Tensor> {
+pub(super) fn batchnorm_forward_eval(x: &Tensor, gamma: &Tensor, beta: &Tensor, run: Running, dims: Dims) -> Result<Tensor> {
     let (xs, gs, bs) = (x.cpu_slice()?, gamma.cpu_slice()?, beta.cpu_slice()?);
-    let (rm, rv) = (running_mean.cpu_slice()?, running_var.cpu_slice()?);
-    let scale: Vec<f32> = eval_invstd(rv, eps).iter().zip(gs).map(|(&is, &g)| (is * g as f64) as f32).collect();
+    let rm = run.mean.cpu_slice()?;
+    let scale: Vec<f32> = eval_invstd(run)?.iter().zip(gs).map(|(&is, &g)| (is * g as f64) as f32).collect();
     let y = map_planes(xs.len(), dims, |ch, off, o| {
         let (mu, sc, b) = (rm[ch], scale[ch], bs[ch]);
         o.iter_mut().zip(&xs[off..]).for_each(|(o, &v)| _ = o.write((v - mu) * sc + b));
@@ -160,15 +152,13 @@ pub(super) fn batchnorm_backward_eval(
     dy: &Tensor,
     x: &Tensor,
     gamma: &Tensor,
-    running_mean: &Tensor,
-    running_var: &Tensor,
-    eps: f32,
+    run: Running,
     dims: Dims,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let c = dims.1;
     let (dys, xs, gs) = (dy.cpu_slice()?, x.cpu_slice()?, gamma.cpu_slice()?);
-    let (rm, rv) = (running_mean.cpu_slice()?, running_var.cpu_slice()?);
-    let invstd = eval_invstd(rv, eps);
+    let rm = run.mean.cpu_slice()?;
+    let invstd = eval_invstd(run)?;
     let sums: Vec<(f64, f64)> = (0..c).into_par_iter().map(|ch| channel_sums(dys, xs, ch, dims)).collect();
     let dbeta = sums.iter().map(|&(s, _)| s as f32).collect();
     let dgamma = sums.iter().zip(rm.iter().zip(&invstd)).map(|(&(s, d), (&mu, &is))| (is * (d - mu as f64 * s)) as f32).collect();

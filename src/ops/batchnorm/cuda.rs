@@ -2,7 +2,7 @@
 //! activations x, y, dy, dx are f32 or bf16 (the kernel variant follows x's dtype); gamma, beta,
 //! the statistics and dgamma/dbeta are f32.
 
-use super::BnBatchStats;
+use super::{BnBatchStats, Running};
 use crate::cuda::nvrtc::by_dtype;
 use crate::cuda::{empty, empty_dtype, grid_for, int, launch, ptr, ptr_mut, Arg, BLOCK};
 use crate::error::Result;
@@ -84,15 +84,7 @@ pub(super) fn batchnorm_backward_train(
     Ok((dx, dgamma, dbeta))
 }
 
-pub(super) fn batchnorm_forward_eval(
-    x: &Tensor,
-    gamma: &Tensor,
-    beta: &Tensor,
-    running_mean: &Tensor,
-    running_var: &Tensor,
-    eps: f32,
-    dims: Dims,
-) -> Result<Tensor> {
+pub(super) fn batchnorm_forward_eval(x: &Tensor, gamma: &Tensor, beta: &Tensor, run: Running, dims: Dims) -> Result<Tensor> {
     let (_, c, hw) = dims;
     let (y, py) = empty_dtype(x.shape(), x.dtype())?;
     let total = x.numel();
@@ -105,13 +97,13 @@ pub(super) fn batchnorm_forward_eval(
             Arg::Ptr(ptr(x)?),
             Arg::Ptr(ptr(gamma)?),
             Arg::Ptr(ptr(beta)?),
-            Arg::Ptr(ptr(running_mean)?),
-            Arg::Ptr(ptr(running_var)?),
+            Arg::Ptr(ptr(run.mean)?),
+            Arg::Ptr(ptr(run.var)?),
             Arg::Ptr(py),
             int(total),
             int(c),
             int(hw),
-            Arg::F32(eps),
+            Arg::F32(run.eps),
         ],
     )?;
     Ok(y)
@@ -121,9 +113,7 @@ pub(super) fn batchnorm_backward_eval(
     dy: &Tensor,
     x: &Tensor,
     gamma: &Tensor,
-    running_mean: &Tensor,
-    running_var: &Tensor,
-    eps: f32,
+    run: Running,
     dims: Dims,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (n, c, hw) = dims;
@@ -139,15 +129,15 @@ pub(super) fn batchnorm_backward_eval(
             Arg::Ptr(ptr(dy)?),
             Arg::Ptr(ptr(x)?),
             Arg::Ptr(ptr(gamma)?),
-            Arg::Ptr(ptr(running_mean)?),
-            Arg::Ptr(ptr(running_var)?),
+            Arg::Ptr(ptr(run.mean)?),
+            Arg::Ptr(ptr(run.var)?),
             Arg::Ptr(pdx),
             Arg::Ptr(pdg),
             Arg::Ptr(pdb),
             int(n),
             int(c),
             int(hw),
-            Arg::F32(eps),
+            Arg::F32(run.eps),
         ],
     )?;
     Ok((dx, dgamma, dbeta))

@@ -25,6 +25,14 @@ pub struct BnBatchStats {
     pub var_unbiased: Tensor,
 }
 
+/// The fixed statistics of eval-mode BatchNorm, as the CPU and CUDA passes take them.
+#[derive(Clone, Copy)]
+struct Running<'a> {
+    mean: &'a Tensor,
+    var: &'a Tensor,
+    eps: f32,
+}
+
 /// (N, C, spatial size) of a BatchNorm input, checking gamma/beta (and any further [C] tensors).
 fn bn_dims(op: &'static str, x: &Tensor, per_channel: &[&Tensor]) -> Result<(usize, usize, usize)> {
     let s = x.shape();
@@ -121,9 +129,10 @@ pub fn batchnorm_forward_eval(
     let dev = x.check_same_dtype(OP, &[])?;
     Tensor::check_f32_on(OP, dev, &[gamma, beta, running_mean, running_var])?;
     let dims = bn_dims(OP, x, &[gamma, beta, running_mean, running_var])?;
+    let run = Running { mean: running_mean, var: running_var, eps };
     match dev {
-        Device::Cpu => cpu::batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, eps, dims)?.rounded_to(x.dtype()),
-        Device::Cuda => cuda::batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, eps, dims),
+        Device::Cpu => cpu::batchnorm_forward_eval(x, gamma, beta, run, dims)?.rounded_to(x.dtype()),
+        Device::Cuda => cuda::batchnorm_forward_eval(x, gamma, beta, run, dims),
     }
 }
 
@@ -142,12 +151,13 @@ pub fn batchnorm_backward_eval(
     Tensor::check_f32_on(OP, dev, &[gamma, running_mean, running_var])?;
     let dims = bn_dims(OP, x, &[gamma, running_mean, running_var])?;
     crate::ensure_shape!(dy.shape() == x.shape(), OP, "dy {:?} != x {:?}", dy.shape(), x.shape());
+    let run = Running { mean: running_mean, var: running_var, eps };
     match dev {
         Device::Cpu => {
-            let (dx, dgamma, dbeta) = cpu::batchnorm_backward_eval(dy, x, gamma, running_mean, running_var, eps, dims)?;
+            let (dx, dgamma, dbeta) = cpu::batchnorm_backward_eval(dy, x, gamma, run, dims)?;
             Ok((dx.rounded_to(x.dtype())?, dgamma, dbeta))
         }
-        Device::Cuda => cuda::batchnorm_backward_eval(dy, x, gamma, running_mean, running_var, eps, dims),
+        Device::Cuda => cuda::batchnorm_backward_eval(dy, x, gamma, run, dims),
     }
 }
 
