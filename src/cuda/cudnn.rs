@@ -20,6 +20,9 @@ use crate::error::{Error, Result};
 use crate::ops::conv::Conv2dCfg;
 use crate::tensor::DType;
 
+/// What a raw cuDNN call returns.
+type CallResult = std::result::Result<(), result::CudnnError>;
+
 fn err(what: &str, e: result::CudnnError) -> Error {
     Error::Cuda(format!("cuDNN {what}: {e:?}"))
 }
@@ -97,12 +100,17 @@ struct Choices<A> {
     proven: bool,
 }
 
-/// Descriptors of one convolution and the algorithm chosen for each direction used so far.
-struct Plan {
+/// The descriptors of one convolution.
+struct Descs {
     x: TensorDesc,
     w: FilterDesc,
     y: TensorDesc,
     conv: ConvDesc,
+}
+
+/// Descriptors of one convolution and the algorithm chosen for each direction used so far.
+struct Plan {
+    d: Descs,
     fwd: Option<Choices<sys::cudnnConvolutionFwdAlgo_t>>,
     bwd_data: Option<Choices<sys::cudnnConvolutionBwdDataAlgo_t>>,
     bwd_filter: Option<Choices<sys::cudnnConvolutionBwdFilterAlgo_t>>,
@@ -133,7 +141,8 @@ impl Plan {
             .map_err(|e| err(&format!("convolution descriptor {cfg:?}"), e))?;
             result::set_convolution_group_count(conv.0, cfg.groups as i32).map_err(|e| err("set_group_count", e))?;
         }
-        Ok(Plan { x: tensor_desc(x, dtype)?, w: wd, y: tensor_desc(&y, dtype)?, conv, fwd: None, bwd_data: None, bwd_filter: None })
+        let d = Descs { x: tensor_desc(x, dtype)?, w: wd, y: tensor_desc(&y, dtype)?, conv };
+        Ok(Plan { d, fwd: None, bwd_data: None, bwd_filter: None })
     }
 }
 
@@ -259,64 +268,145 @@ fn alpha_beta() -> (*const c_void, *const c_void) {
     (&ONE as *const f32 as *const c_void, &ZERO as *const f32 as *const c_void)
 }
 
-/// y = conv(x, w) (no bias), all NCHW/OIHW device buffers of `dtype` elements.
-pub(crate) fn conv2d_forward(x: u64, w: u64, y: u64, x_shape: &[usize], w_shape: &[usize], cfg: Conv2dCfg, dtype: DType) -> Result<()> {
-    with_plan(x_shape, w_shape, cfg, dtype, |h, p| {
-        let Plan { x: xd, w: wd, y: yd, conv, fwd, .. } = p;
-        if fwd.is_none() {
-            set_math(conv, allowed_math(dtype)[0])?;
-            let n = sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_COUNT as usize;
-            let mut perf: Vec<sys::cudnnConvolutionFwdAlgoPerf_t> = vec![unsafe { std::mem::zeroed() }; n];
-            let mut count = 0;
-            // SAFETY: live descriptors; perf holds n entries.
-            unsafe { result::get_convolution_forward_algorithm(h, xd.0, wd.0, conv.0, yd.0, n as i32, &mut count, perf.as_mut_ptr()) }
-                .map_err(|e| err("forward algorithm", e))?;
-            use sys::cudnnConvolutionFwdAlgo_t as A;
-            let inexact = [
-                A::CUDNN_CONVOLUTION_FWD_ALGO_FFT,
-                A::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
-                A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
-                A::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
-            ];
-            *fwd = Some(Choices { cands: candidates(&successful!(perf, count), &inexact, dtype), at: 0, ws: 0, proven: false });
+/// One direction of a convolution: its algorithm type and its three cuDNN calls. Each names the
+/// plan's descriptors in the order the call takes them: two operands, then the output.
+trait Direction {
+    type Algo: Copy + PartialEq + std::fmt::Debug;
+    const NAME: &'static str;
+    /// The FFT and Winograd variants, which round differently from the CPU reference.
+    const INEXACT: [Self::Algo; 4];
+    fn choices(plan: &mut Plan) -> (&Descs, &mut Option<Choices<Self::Algo>>);
+    fn find(h: sys::cudnnHandle_t, d: &Descs) -> Result<Vec<Found<Self::Algo>>>;
+    fn workspace_size(h: sys::cudnnHandle_t, d: &Descs, algo: Self::Algo) -> Result<usize>;
+    /// SAFETY: `ptrs` (the two operands, then the output) hold the element counts of the descriptors
+    /// the call reads and writes, and `ws` holds `ws_bytes`.
+    unsafe fn run(h: sys::cudnnHandle_t, d: &Descs, algo: Self::Algo, ws: *mut c_void, ws_bytes: usize, ptrs: [u64; 3]) -> CallResult;
+}
+
+/// The `Direction` of a type from its cuDNN names. The three directions' calls take the same
+/// arguments in the same order: the handle, the two operands' descriptors, the convolution, the
+/// output's descriptor; `($a, $b, $out)` name the plan's descriptors in that order.
+macro_rules! direction {
+    ($ty:ident, $name:literal, $algo:ty, $perf:ty, $count:ident, [$($inexact:ident),*], $slot:ident,
+     $find:ident, $ws:ident, $run:ident, ($a:ident, $b:ident, $out:ident)) => {
+        struct $ty;
+
+        impl Direction for $ty {
+            type Algo = $algo;
+            const NAME: &'static str = $name;
+            const INEXACT: [$algo; 4] = [$(<$algo>::$inexact),*];
+            fn choices(plan: &mut Plan) -> (&Descs, &mut Option<Choices<$algo>>) {
+                (&plan.d, &mut plan.$slot)
+            }
+            fn find(h: sys::cudnnHandle_t, d: &Descs) -> Result<Vec<Found<$algo>>> {
+                // SAFETY: cuDNN's perf structs are plain C data for which all-zero bits are valid.
+                let mut perf: Vec<$perf> = (0..<$algo>::$count as u32).map(|_| unsafe { std::mem::zeroed() }).collect();
+                let mut count = 0;
+                // SAFETY: live descriptors; perf holds as many entries as asked for.
+                unsafe { result::$find(h, d.$a.0, d.$b.0, d.conv.0, d.$out.0, perf.len() as i32, &mut count, perf.as_mut_ptr()) }
+                    .map_err(|e| err(concat!($name, " algorithm"), e))?;
+                Ok(successful!(perf, count))
+            }
+            fn workspace_size(h: sys::cudnnHandle_t, d: &Descs, algo: $algo) -> Result<usize> {
+                // SAFETY: live descriptors.
+                unsafe { result::$ws(h, d.$a.0, d.$b.0, d.conv.0, d.$out.0, algo) }
+                    .map_err(|e| err(concat!($name, " workspace size"), e))
+            }
+            unsafe fn run(h: sys::cudnnHandle_t, d: &Descs, algo: $algo, ws: *mut c_void, ws_bytes: usize, ptrs: [u64; 3]) -> CallResult {
+                let (alpha, beta) = alpha_beta();
+                let [a, b, out] = ptrs.map(|p| p as *mut c_void);
+                result::$run(h, alpha, d.$a.0, a, d.$b.0, b, d.conv.0, algo, ws, ws_bytes, beta, d.$out.0, out)
+            }
         }
-        let what = format!("convolution forward x {x_shape:?} w {w_shape:?} {cfg:?} {dtype:?}");
-        let choices = fwd.as_mut().expect("set above");
+    };
+}
+
+direction!(
+    Forward,
+    "forward",
+    sys::cudnnConvolutionFwdAlgo_t,
+    sys::cudnnConvolutionFwdAlgoPerf_t,
+    CUDNN_CONVOLUTION_FWD_ALGO_COUNT,
+    [
+        CUDNN_CONVOLUTION_FWD_ALGO_FFT,
+        CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
+        CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+        CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED
+    ],
+    fwd,
+    get_convolution_forward_algorithm,
+    get_convolution_forward_workspace_size,
+    convolution_forward,
+    (x, w, y)
+);
+direction!(
+    BackwardData,
+    "backward-data",
+    sys::cudnnConvolutionBwdDataAlgo_t,
+    sys::cudnnConvolutionBwdDataAlgoPerf_t,
+    CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT,
+    [
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT,
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT_TILING,
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD,
+        CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED
+    ],
+    bwd_data,
+    get_convolution_backward_data_algorithm,
+    get_convolution_backward_data_workspace_size,
+    convolution_backward_data,
+    (w, y, x)
+);
+direction!(
+    BackwardFilter,
+    "backward-filter",
+    sys::cudnnConvolutionBwdFilterAlgo_t,
+    sys::cudnnConvolutionBwdFilterAlgoPerf_t,
+    CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT,
+    [
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT,
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING,
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD,
+        CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED
+    ],
+    bwd_filter,
+    get_convolution_backward_filter_algorithm,
+    get_convolution_backward_filter_workspace_size,
+    convolution_backward_filter,
+    (x, y, w)
+);
+
+/// Runs direction `D` of the convolution on `ptrs` (its two operands, then its output), choosing
+/// the algorithm on the first call for this plan.
+fn convolve<D: Direction>(x_shape: &[usize], w_shape: &[usize], cfg: Conv2dCfg, dtype: DType, ptrs: [u64; 3]) -> Result<()> {
+    with_plan(x_shape, w_shape, cfg, dtype, |h, plan| {
+        let (d, slot) = D::choices(plan);
+        if slot.is_none() {
+            set_math(&d.conv, allowed_math(dtype)[0])?;
+            *slot = Some(Choices { cands: candidates(&D::find(h, d)?, &D::INEXACT, dtype), at: 0, ws: 0, proven: false });
+        }
+        let what = format!("convolution {} x {x_shape:?} w {w_shape:?} {cfg:?} {dtype:?}", D::NAME);
+        let choices = slot.as_mut().expect("set above");
         run_choice(
             &what,
             choices,
             |algo, math| {
-                set_math(conv, math)?;
-                // SAFETY: live descriptors.
-                unsafe { result::get_convolution_forward_workspace_size(h, xd.0, wd.0, conv.0, yd.0, algo) }
-                    .map_err(|e| err("forward workspace size", e))
+                set_math(&d.conv, math)?;
+                D::workspace_size(h, d, algo)
             },
             |algo, math, ws_bytes| {
-                set_math(conv, math)?;
+                set_math(&d.conv, math)?;
                 let ws = workspace(ws_bytes)?;
-                let (alpha, beta) = alpha_beta();
-                // SAFETY: x, w, y hold the element counts of the plan's descriptors; ws holds ws_bytes.
-                unsafe {
-                    result::convolution_forward(
-                        h,
-                        alpha,
-                        xd.0,
-                        x as *const c_void,
-                        wd.0,
-                        w as *const c_void,
-                        conv.0,
-                        algo,
-                        ws_ptr(&ws),
-                        ws_bytes,
-                        beta,
-                        yd.0,
-                        y as *mut c_void,
-                    )
-                }
-                .map_err(|e| err(&what, e))
+                // SAFETY: the callers pass buffers of the plan's shapes and dtype; ws holds ws_bytes.
+                unsafe { D::run(h, d, algo, ws_ptr(&ws), ws_bytes, ptrs) }.map_err(|e| err(&what, e))
             },
         )
     })
+}
+
+/// y = conv(x, w) (no bias), all NCHW/OIHW device buffers of `dtype` elements.
+pub(crate) fn conv2d_forward(x: u64, w: u64, y: u64, x_shape: &[usize], w_shape: &[usize], cfg: Conv2dCfg, dtype: DType) -> Result<()> {
+    convolve::<Forward>(x_shape, w_shape, cfg, dtype, [x, w, y])
 }
 
 /// dx = gradient of the convolution with respect to its input.
@@ -329,64 +419,7 @@ pub(crate) fn conv2d_backward_data(
     cfg: Conv2dCfg,
     dtype: DType,
 ) -> Result<()> {
-    with_plan(x_shape, w_shape, cfg, dtype, |h, p| {
-        let Plan { x: xd, w: wd, y: yd, conv, bwd_data, .. } = p;
-        if bwd_data.is_none() {
-            set_math(conv, allowed_math(dtype)[0])?;
-            let n = sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT as usize;
-            let mut perf: Vec<sys::cudnnConvolutionBwdDataAlgoPerf_t> = vec![unsafe { std::mem::zeroed() }; n];
-            let mut count = 0;
-            // SAFETY: live descriptors; perf holds n entries.
-            unsafe {
-                result::get_convolution_backward_data_algorithm(h, wd.0, yd.0, conv.0, xd.0, n as i32, &mut count, perf.as_mut_ptr())
-            }
-            .map_err(|e| err("backward-data algorithm", e))?;
-            use sys::cudnnConvolutionBwdDataAlgo_t as A;
-            let inexact = [
-                A::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT,
-                A::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT_TILING,
-                A::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD,
-                A::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED,
-            ];
-            *bwd_data = Some(Choices { cands: candidates(&successful!(perf, count), &inexact, dtype), at: 0, ws: 0, proven: false });
-        }
-        let what = format!("convolution backward-data x {x_shape:?} w {w_shape:?} {cfg:?} {dtype:?}");
-        let choices = bwd_data.as_mut().expect("set above");
-        run_choice(
-            &what,
-            choices,
-            |algo, math| {
-                set_math(conv, math)?;
-                // SAFETY: live descriptors.
-                unsafe { result::get_convolution_backward_data_workspace_size(h, wd.0, yd.0, conv.0, xd.0, algo) }
-                    .map_err(|e| err("backward-data workspace size", e))
-            },
-            |algo, math, ws_bytes| {
-                set_math(conv, math)?;
-                let ws = workspace(ws_bytes)?;
-                let (alpha, beta) = alpha_beta();
-                // SAFETY: dy, w, dx hold the element counts of the plan's descriptors; ws holds ws_bytes.
-                unsafe {
-                    result::convolution_backward_data(
-                        h,
-                        alpha,
-                        wd.0,
-                        w as *const c_void,
-                        yd.0,
-                        dy as *const c_void,
-                        conv.0,
-                        algo,
-                        ws_ptr(&ws),
-                        ws_bytes,
-                        beta,
-                        xd.0,
-                        dx as *mut c_void,
-                    )
-                }
-                .map_err(|e| err(&what, e))
-            },
-        )
-    })
+    convolve::<BackwardData>(x_shape, w_shape, cfg, dtype, [w, dy, dx])
 }
 
 /// dw = gradient of the convolution with respect to its weight.
@@ -399,64 +432,7 @@ pub(crate) fn conv2d_backward_filter(
     cfg: Conv2dCfg,
     dtype: DType,
 ) -> Result<()> {
-    with_plan(x_shape, w_shape, cfg, dtype, |h, p| {
-        let Plan { x: xd, w: wd, y: yd, conv, bwd_filter, .. } = p;
-        if bwd_filter.is_none() {
-            set_math(conv, allowed_math(dtype)[0])?;
-            let n = sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT as usize;
-            let mut perf: Vec<sys::cudnnConvolutionBwdFilterAlgoPerf_t> = vec![unsafe { std::mem::zeroed() }; n];
-            let mut count = 0;
-            // SAFETY: live descriptors; perf holds n entries.
-            unsafe {
-                result::get_convolution_backward_filter_algorithm(h, xd.0, yd.0, conv.0, wd.0, n as i32, &mut count, perf.as_mut_ptr())
-            }
-            .map_err(|e| err("backward-filter algorithm", e))?;
-            use sys::cudnnConvolutionBwdFilterAlgo_t as A;
-            let inexact = [
-                A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT,
-                A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING,
-                A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD,
-                A::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED,
-            ];
-            *bwd_filter = Some(Choices { cands: candidates(&successful!(perf, count), &inexact, dtype), at: 0, ws: 0, proven: false });
-        }
-        let what = format!("convolution backward-filter x {x_shape:?} w {w_shape:?} {cfg:?} {dtype:?}");
-        let choices = bwd_filter.as_mut().expect("set above");
-        run_choice(
-            &what,
-            choices,
-            |algo, math| {
-                set_math(conv, math)?;
-                // SAFETY: live descriptors.
-                unsafe { result::get_convolution_backward_filter_workspace_size(h, xd.0, yd.0, conv.0, wd.0, algo) }
-                    .map_err(|e| err("backward-filter workspace size", e))
-            },
-            |algo, math, ws_bytes| {
-                set_math(conv, math)?;
-                let ws = workspace(ws_bytes)?;
-                let (alpha, beta) = alpha_beta();
-                // SAFETY: x, dy, dw hold the element counts of the plan's descriptors; ws holds ws_bytes.
-                unsafe {
-                    result::convolution_backward_filter(
-                        h,
-                        alpha,
-                        xd.0,
-                        x as *const c_void,
-                        yd.0,
-                        dy as *const c_void,
-                        conv.0,
-                        algo,
-                        ws_ptr(&ws),
-                        ws_bytes,
-                        beta,
-                        wd.0,
-                        dw as *mut c_void,
-                    )
-                }
-                .map_err(|e| err(&what, e))
-            },
-        )
-    })
+    convolve::<BackwardFilter>(x_shape, w_shape, cfg, dtype, [x, dy, dw])
 }
 
 #[cfg(test)]
