@@ -44,17 +44,25 @@ build() {
             *) name="unit-$(basename "$src" .rs)" ;;
         esac
         cp "$path" "$CARRY/$name"
-        strip --strip-debug "$CARRY/$name"
+        strip "$CARRY/$name"
     done < <(grep -E '^ *Executable ' "$CARRY/build.log")
     cp target/release/plr-engine "$CARRY/plr-engine"
-    strip --strip-debug "$CARRY/plr-engine"
+    strip "$CARRY/plr-engine"
     cargo bench --bench kernels_cuda --no-run 2>&1 | tee "$CARRY/build.log" >&2
     path="$(sed -nE 's/^ *Executable benches\/kernels_cuda.rs \((.*)\)$/\1/p' "$CARRY/build.log")"
     cp "$path" "$CARRY/bench-kernels_cuda"
-    strip --strip-debug "$CARRY/bench-kernels_cuda"
+    strip "$CARRY/bench-kernels_cuda"
     rm "$CARRY/build.log"
     ls -l "$CARRY"
     du -sh "$CARRY"
+    # The device tool carries at most 64 MiB. Fully stripped (panic messages keep their file and
+    # line; backtraces lose names) the binaries were 44 MiB on 2026-11-24.
+    local kib
+    kib="$(du -sk "$CARRY" | cut -f1)"
+    if [ "$kib" -gt $((62 * 1024)) ]; then
+        echo "error: $CARRY is $((kib / 1024)) MiB, over the device tool's 64 MiB carry limit" >&2
+        exit 1
+    fi
 }
 
 run() {

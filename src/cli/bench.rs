@@ -248,11 +248,13 @@ pub fn run(args: &BenchArgs) -> Result<()> {
         args.width_px,
         args.precision.name()
     );
-    let trainable = bench.store.trainable().count();
-    println!(
-        "Adam on the GPU: {trainable} trainable tensors, {} multi-tensor launches per step (one per tensor before)",
-        trainable.div_ceil(crate::cuda::TABLE_TENSORS)
-    );
+    if device == Device::Cuda {
+        let trainable = bench.store.trainable().count();
+        println!(
+            "Adam on the GPU: {trainable} trainable tensors, {} multi-tensor launches per step (one per tensor before)",
+            trainable.div_ceil(crate::cuda::TABLE_TENSORS)
+        );
+    }
 
     // Inference first, so that its peak holds only the parameters and the activations.
     let infer = if plan.eval_batch > 0 {
