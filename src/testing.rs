@@ -1,7 +1,10 @@
 //! Test helpers shared by unit and integration tests: a finite-difference gradient check and
 //! relative-error comparisons. Public so that `tests/` can use them; not part of the engine proper.
 
+use std::path::Path;
+
 use crate::error::{Error, Result};
+use crate::io::weights::TensorFile;
 use crate::rng::Rng;
 use crate::tape::{Tape, Var};
 use crate::tensor::{DType, Tensor};
@@ -157,4 +160,13 @@ pub fn cuda_or_skip(test: &str) -> bool {
             false
         }
     }
+}
+
+/// A golden file of tests/fixtures (written by the scripts in tools/).
+pub fn fixture(name: &str) -> TensorFile {
+    // Test binaries carried to a GPU machine run from a checkout elsewhere: fall back to the
+    // working directory's tests/fixtures (scripts/gpu-test.sh runs from the repository root).
+    let built_in = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
+    let path = if built_in.exists() { built_in } else { Path::new("tests/fixtures").join(name) };
+    TensorFile::read(&path).unwrap_or_else(|e| panic!("{e} (tools/README.md says which script writes it)"))
 }

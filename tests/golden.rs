@@ -7,9 +7,6 @@
 //! analytically zero it is compared absolutely, against the size of a neighbouring gradient; as
 //! ill-conditioned in f32 (PAM's gamma behind a training-mode BatchNorm), at 2e-2.
 //! The fixtures are committed; a missing one fails (regenerate with `python3 tools/make_fixtures.py`).
-
-use std::path::Path;
-
 use plr_engine::io::weights::{apply_state_dict, detect_model, ModelKind, TensorFile};
 use plr_engine::models::*;
 use plr_engine::nn::{Ctx, Precision};
@@ -17,21 +14,13 @@ use plr_engine::params::Kind;
 use plr_engine::rng::Rng;
 use plr_engine::tape::Grads;
 use plr_engine::tensor::DType;
-use plr_engine::testing::cuda_or_skip;
 use plr_engine::testing::norm_rel_err;
+use plr_engine::testing::{cuda_or_skip, fixture};
 use plr_engine::{Device, ParamStore, Tape, Tensor, Var};
 
 const TOL: f64 = 1e-4;
 const GRAD_TOL: f64 = 1e-3;
 const ILL_CONDITIONED_TOL: f64 = 2e-2;
-
-fn fixture(name: &str) -> TensorFile {
-    // Test binaries carried to a GPU machine run from a checkout elsewhere: fall back to the
-    // working directory's tests/fixtures (scripts/gpu-test.sh runs from the repository root).
-    let built_in = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name);
-    let path = if built_in.exists() { built_in } else { Path::new("tests/fixtures").join(name) };
-    TensorFile::read(&path).unwrap_or_else(|e| panic!("{e} (python3 tools/make_fixtures.py writes the fixtures)"))
-}
 
 fn meta<T: std::str::FromStr>(f: &TensorFile, key: &str) -> T {
     f.meta(key).unwrap().parse().unwrap_or_else(|_| panic!("metadata {key} = {:?}", f.meta(key)))

@@ -334,13 +334,27 @@ fn training_on_synthetic_data_raises_map_and_eval_command_agrees() {
         width_px: None,
         batch_size: 50,
         json: Some(json.clone()),
+        rerank: false,
+        rerank_k1: 20,
+        rerank_k2: 6,
+        rerank_lambda: 0.3,
     };
     let report = evaluate_weights(&args).unwrap();
     assert_eq!(report.metrics, after);
-    assert!(report.table().contains("Rank-10"));
+    assert!(report.table().contains("Rank-10") && !report.table().contains("re-ranking"));
+    assert!(report.metrics_reranked.is_none());
+    // With re-ranking: the plain metrics unchanged, a second row, both in the JSON.
+    let args = EvalArgs { rerank: true, ..args };
+    let report = evaluate_weights(&args).unwrap();
+    let reranked = report.metrics_reranked.clone().unwrap();
+    assert_eq!(report.metrics, after);
+    assert_ne!(reranked, after);
+    assert!(report.table().contains("market1501 + re-ranking (k1 20, k2 6, lambda 0.3)"), "{}", report.table());
     plr_engine::cli::eval::run(&args).unwrap();
     let written: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(written["metrics"]["map"].as_f64().unwrap(), after.map);
+    assert_eq!(written["metrics_reranked"]["map"].as_f64().unwrap(), reranked.map);
+    assert_eq!(written["rerank"]["k1"], 20);
     assert_eq!(written["feature_dim"], 640);
 
     // The output folder holds the resolved config, the log and the last evaluation.
@@ -430,9 +444,15 @@ fn bad_input_gives_clear_errors() {
         width_px: None,
         batch_size: 8,
         json: None,
+        rerank: false,
+        rerank_k1: 20,
+        rerank_k2: 6,
+        rerank_lambda: 0.3,
     };
     let e = err_text(evaluate_weights(&args(&weights, "mars")));
     assert!(e.contains("mars") && e.contains("market1501"), "{e}");
+    let e = err_text(evaluate_weights(&EvalArgs { rerank: true, rerank_lambda: 2.0, ..args(&weights, "market1501") }));
+    assert!(e.contains("--rerank-lambda") && e.contains("[0, 1]"), "{e}");
     let e = err_text(evaluate_weights(&args(&dir.join("none.safetensors"), "generic")));
     assert!(e.contains("none.safetensors"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
@@ -455,6 +475,14 @@ fn binary_reports_config_errors_without_panicking() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("no dataset found"), "{stderr}");
+    // Re-ranking parameters without --rerank are a usage error.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_plr-engine"))
+        .args(["eval", "--weights", "w.safetensors", "--dataset", "market1501", "--data", "d", "--rerank-k1", "10"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--rerank"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

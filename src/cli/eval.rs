@@ -8,6 +8,7 @@ use super::device::{resolve_device, DeviceChoice};
 use crate::data::dataset::Dataset;
 use crate::data::loader::{Loader, LoaderConfig};
 use crate::error::{Error, Result};
+use crate::eval::RerankConfig;
 use crate::io::weights::{load_plr, TensorFile};
 use crate::nn::Precision;
 use crate::train::config::{dataset_name, parse_dataset, TrainConfig};
@@ -42,6 +43,19 @@ pub struct EvalArgs {
     /// Where to write the results; default: <weights>.eval-<dataset>.json beside the weights.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Also report the metrics after k-reciprocal re-ranking (Zhong et al. 2017, as fast-reid's
+    /// TEST.RERANK). Costs an all-pairs distance pass over query + gallery.
+    #[arg(long)]
+    pub rerank: bool,
+    /// Re-ranking: size of the k-reciprocal neighbourhoods.
+    #[arg(long, default_value_t = 20, requires = "rerank")]
+    pub rerank_k1: usize,
+    /// Re-ranking: neighbours averaged by the local query expansion.
+    #[arg(long, default_value_t = 6, requires = "rerank")]
+    pub rerank_k2: usize,
+    /// Re-ranking: weight of the original distance against the Jaccard distance, in [0, 1].
+    #[arg(long, default_value_t = 0.3, requires = "rerank")]
+    pub rerank_lambda: f32,
 }
 
 /// The input size a checkpoint was trained at, from its recorded configuration.
@@ -54,6 +68,10 @@ fn trained_size(weights: &Path) -> Result<Option<(u32, u32)>> {
 pub fn evaluate_weights(args: &EvalArgs) -> Result<EvalReport> {
     if args.batch_size == 0 {
         return Err(Error::msg("--batch-size must be positive"));
+    }
+    let rerank = args.rerank.then_some(RerankConfig { k1: args.rerank_k1, k2: args.rerank_k2, lambda: args.rerank_lambda });
+    if let Some(cfg) = rerank {
+        cfg.validate().map_err(|e| Error::msg(format!("--rerank-k1/--rerank-k2/--rerank-lambda: {e}")))?;
     }
     let kind = parse_dataset(&args.dataset)?;
     let dataset = Dataset::load(kind, &args.data)?;
@@ -76,7 +94,7 @@ pub fn evaluate_weights(args: &EvalArgs) -> Result<EvalReport> {
         gallery.samples().len()
     );
     let run = FeatureRun { batch: args.batch_size, device, precision: args.precision };
-    evaluate_model(&model, &mut store, dataset_name(kind), &query, &gallery, run)
+    evaluate_model(&model, &mut store, dataset_name(kind), &query, &gallery, run, rerank)
 }
 
 pub fn run(args: &EvalArgs) -> Result<()> {

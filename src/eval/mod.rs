@@ -2,8 +2,12 @@
 //! mINP): squared Euclidean distances between query and gallery features, and per query the
 //! ranked gallery without same-pid same-camera items, giving CMC, AP and INP.
 
+mod rerank;
+
 use rayon::prelude::*;
 use serde::Serialize;
+
+pub use rerank::{RerankConfig, Reranker};
 
 use crate::error::{Error, Result};
 use crate::ops::attention::bmm;
@@ -148,18 +152,33 @@ fn dots_to_squared_distances(mut dots: Vec<f32>, qn: &[f32], gn: &[f32]) -> Vec<
 /// Evaluates query features [nq, D] against gallery features [ng, D]. Distances are computed in
 /// blocks of queries so memory stays bounded for large galleries.
 pub fn evaluate(qf: &Tensor, gf: &Tensor, q_pids: &[usize], q_camids: &[usize], g_pids: &[usize], g_camids: &[usize]) -> Result<Metrics> {
-    evaluate_blocked(qf, gf, q_pids, q_camids, g_pids, g_camids, BLOCK_VALUES)
+    evaluate_blocked(qf, gf, Ids { q_pids, q_camids, g_pids, g_camids }, None, BLOCK_VALUES)
 }
 
-fn evaluate_blocked(
+/// `evaluate` on k-reciprocal re-ranked distances (see `rerank`).
+pub fn evaluate_reranked(
     qf: &Tensor,
     gf: &Tensor,
     q_pids: &[usize],
     q_camids: &[usize],
     g_pids: &[usize],
     g_camids: &[usize],
-    block_values: usize,
+    cfg: RerankConfig,
 ) -> Result<Metrics> {
+    evaluate_blocked(qf, gf, Ids { q_pids, q_camids, g_pids, g_camids }, Some(cfg), BLOCK_VALUES)
+}
+
+/// Person and camera ids of the query and the gallery items.
+#[derive(Clone, Copy)]
+struct Ids<'a> {
+    q_pids: &'a [usize],
+    q_camids: &'a [usize],
+    g_pids: &'a [usize],
+    g_camids: &'a [usize],
+}
+
+fn evaluate_blocked(qf: &Tensor, gf: &Tensor, ids: Ids, rerank: Option<RerankConfig>, block_values: usize) -> Result<Metrics> {
+    let Ids { q_pids, q_camids, g_pids, g_camids } = ids;
     let (nq, d) = qf.dims2("evaluate (query features)")?;
     let (ng, dg) = gf.dims2("evaluate (gallery features)")?;
     if d != dg {
@@ -170,6 +189,7 @@ fn evaluate_blocked(
     if ng == 0 || d == 0 {
         return Err(Error::msg(format!("evaluate: empty gallery ({ng} items) or features ({d} values)")));
     }
+    let reranker = rerank.map(|cfg| Reranker::new(qf, gf, cfg)).transpose()?;
     // The dot products run where the features are (cuBLAS on a GPU); norms and ranking on the host.
     let device = gf.device();
     let (q_host, g_host) = (qf.to_device(Device::Cpu)?, gf.to_device(Device::Cpu)?);
@@ -182,7 +202,10 @@ fn evaluate_blocked(
         let end = (start + rows).min(nq);
         let q3 = Tensor::from_vec(q[start * d..end * d].to_vec(), &[1, end - start, d])?.to_device(device)?;
         let dots = bmm(&q3, &g3, false, true)?.to_vec()?;
-        let dist = dots_to_squared_distances(dots, &qn[start..end], &gn);
+        let mut dist = dots_to_squared_distances(dots, &qn[start..end], &gn);
+        if let Some(r) = &reranker {
+            r.apply(start, &mut dist);
+        }
         results.par_extend(
             dist.par_chunks(ng).enumerate().map(|(i, row)| eval_query(row, q_pids[start + i], q_camids[start + i], g_pids, g_camids)),
         );
@@ -217,9 +240,14 @@ mod tests {
         let ids = |n: usize, k: usize, rng: &mut Rng| (0..n).map(|_| rng.below(k)).collect::<Vec<usize>>();
         let (qp, qc, gp, gc) = (ids(nq, 6, &mut rng), ids(nq, 3, &mut rng), ids(ng, 6, &mut rng), ids(ng, 3, &mut rng));
         let whole = evaluate(&q, &g, &qp, &qc, &gp, &gc).unwrap();
+        let cfg = RerankConfig { k1: 8, k2: 3, lambda: 0.3 };
+        let reranked = evaluate_reranked(&q, &g, &qp, &qc, &gp, &gc, cfg).unwrap();
+        assert_ne!(reranked, whole);
         // 2 query rows per block (12 blocks, the last one partial), and 1 row per block.
+        let ids = Ids { q_pids: &qp, q_camids: &qc, g_pids: &gp, g_camids: &gc };
         for block in [2 * ng, 1] {
-            assert_eq!(evaluate_blocked(&q, &g, &qp, &qc, &gp, &gc, block).unwrap(), whole);
+            assert_eq!(evaluate_blocked(&q, &g, ids, None, block).unwrap(), whole);
+            assert_eq!(evaluate_blocked(&q, &g, ids, Some(cfg), block).unwrap(), reranked);
         }
     }
 }

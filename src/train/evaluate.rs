@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::data::dataset::Sample;
 use crate::data::loader::Loader;
 use crate::error::{Error, Result};
-use crate::eval::{evaluate, Metrics};
+use crate::eval::{evaluate, evaluate_reranked, Metrics, RerankConfig};
 use crate::models::PlrOsnet;
 use crate::nn::{Ctx, Precision};
 use crate::params::ParamStore;
@@ -55,13 +55,19 @@ pub struct EvalReport {
     pub feature_dim: usize,
     pub seconds: f64,
     pub metrics: Metrics,
+    /// With k-reciprocal re-ranking, when asked for: its parameters and metrics.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rerank: Option<RerankConfig>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_reranked: Option<Metrics>,
 }
 
 fn ids(samples: &[Sample]) -> (Vec<usize>, Vec<usize>) {
     samples.iter().map(|s| (s.pid, s.camid)).unzip()
 }
 
-/// Features of query and gallery, then the metrics.
+/// Features of query and gallery, then the metrics, and with `rerank` the metrics after
+/// k-reciprocal re-ranking too.
 pub fn evaluate_model(
     model: &PlrOsnet,
     store: &mut ParamStore,
@@ -69,6 +75,7 @@ pub fn evaluate_model(
     query: &Loader,
     gallery: &Loader,
     run: FeatureRun,
+    rerank: Option<RerankConfig>,
 ) -> Result<EvalReport> {
     let t0 = Instant::now();
     let qf = extract_features(model, store, query, run)?;
@@ -76,7 +83,9 @@ pub fn evaluate_model(
     let (qp, qc) = ids(query.samples());
     let (gp, gc) = ids(gallery.samples());
     // Distances on the model's device: the gallery goes up once, query blocks follow.
-    let metrics = evaluate(&qf, &gf.to_device(run.device)?, &qp, &qc, &gp, &gc)?;
+    let gf = gf.to_device(run.device)?;
+    let metrics = evaluate(&qf, &gf, &qp, &qc, &gp, &gc)?;
+    let metrics_reranked = rerank.map(|cfg| evaluate_reranked(&qf, &gf, &qp, &qc, &gp, &gc, cfg)).transpose()?;
     Ok(EvalReport {
         dataset: dataset.to_string(),
         num_query: qp.len(),
@@ -84,34 +93,42 @@ pub fn evaluate_model(
         feature_dim: model.config.feature_dim(),
         seconds: t0.elapsed().as_secs_f64(),
         metrics,
+        rerank,
+        metrics_reranked,
     })
 }
 
 impl EvalReport {
-    /// The results as a table: mAP, mINP and CMC ranks 1/5/10/20 in percent.
+    /// The results as a table: mAP, mINP and CMC ranks 1/5/10/20 in percent; a second row with
+    /// re-ranking when it was asked for.
     pub fn table(&self) -> String {
-        let m = &self.metrics;
         let pct = |v: f64| format!("{:.1}", 100.0 * v);
-        let cols = [
-            ("mAP", pct(m.map)),
-            ("mINP", pct(m.minp)),
-            ("Rank-1", pct(m.rank1)),
-            ("Rank-5", pct(m.rank5)),
-            ("Rank-10", pct(m.rank10)),
-            ("Rank-20", pct(m.rank20)),
-        ];
-        let name_w = self.dataset.len().max("dataset".len());
+        let heads = ["mAP", "mINP", "Rank-1", "Rank-5", "Rank-10", "Rank-20"];
+        let cells = |m: &Metrics| [m.map, m.minp, m.rank1, m.rank5, m.rank10, m.rank20].map(pct);
+        let mut rows = vec![(self.dataset.clone(), cells(&self.metrics))];
+        if let (Some(cfg), Some(m)) = (self.rerank, &self.metrics_reranked) {
+            rows.push((format!("{} + re-ranking (k1 {}, k2 {}, lambda {})", self.dataset, cfg.k1, cfg.k2, cfg.lambda), cells(m)));
+        }
+        let name_w = rows.iter().map(|(n, _)| n.len()).max().unwrap_or(0).max("dataset".len());
+        let widths: Vec<usize> =
+            heads.iter().enumerate().map(|(c, h)| rows.iter().map(|(_, v)| v[c].len()).max().unwrap_or(0).max(h.len())).collect();
         let mut head = format!("| {:<name_w$} |", "dataset");
         let mut rule = format!("|{}|", "-".repeat(name_w + 2));
-        let mut row = format!("| {:<name_w$} |", self.dataset);
-        for (h, v) in &cols {
-            let w = h.len().max(v.len());
+        for (h, &w) in heads.iter().zip(&widths) {
             head += &format!(" {h:>w$} |");
             rule += &format!("{}|", "-".repeat(w + 2));
-            row += &format!(" {v:>w$} |");
         }
-        format!(
-            "{head}\n{rule}\n{row}\n{} queries ({} skipped: no match in another camera), {} gallery images, {}-d features, {:.1}s",
+        let mut out = format!("{head}\n{rule}\n");
+        for (name, vals) in &rows {
+            out += &format!("| {name:<name_w$} |");
+            for (v, &w) in vals.iter().zip(&widths) {
+                out += &format!(" {v:>w$} |");
+            }
+            out += "\n";
+        }
+        let m = &self.metrics;
+        out + &format!(
+            "{} queries ({} skipped: no match in another camera), {} gallery images, {}-d features, {:.1}s",
             self.num_query, m.num_skipped_queries, self.num_gallery, self.feature_dim, self.seconds
         )
     }

@@ -545,7 +545,7 @@ impl Trainer {
     pub fn evaluate(&mut self) -> Result<EvalReport> {
         let name = super::config::dataset_name(self.dataset.kind);
         let run = FeatureRun { batch: self.cfg.data.test_batch, device: self.device, precision: self.cfg.precision()? };
-        let report = evaluate_model(&self.model, &mut self.store, name, &self.query, &self.gallery, run)?;
+        let report = evaluate_model(&self.model, &mut self.store, name, &self.query, &self.gallery, run, None)?;
         if self.verbose {
             println!("evaluation after epoch {}:\n{}", self.epoch, report.table());
         }
