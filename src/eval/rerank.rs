@@ -84,8 +84,10 @@ impl Reranker {
         let n = nq + ng;
         let mut feat = qf.to_device(Device::Cpu)?.cpu_slice()?.to_vec();
         feat.extend_from_slice(gf.to_device(Device::Cpu)?.cpu_slice()?);
+        let all_host = Tensor::from_vec(feat, &[1, n, d])?;
+        let feat = all_host.cpu_slice()?;
         let norms: Vec<f32> = feat.chunks(d).map(|r| r.iter().map(|v| v * v).sum()).collect();
-        let all = Tensor::from_vec(feat.clone(), &[1, n, d])?.to_device(gf.device())?;
+        let all = all_host.to_device(gf.device())?;
 
         // Each row's maximum and its nearest (k1 + 1 for the reciprocal sets, k2 for the query
         // expansion), by (distance, index) like a stable argsort.
