@@ -164,6 +164,20 @@ fn config_errors_name_the_key() {
 }
 
 #[test]
+fn eval_rerank_from_flag_file_and_older_configs() {
+    let none = PartialConfig::default();
+    let q = TrainConfig::resolve(&none, &none).unwrap();
+    assert!(!q.run.eval_rerank);
+    assert!(TrainConfig::resolve(&none, &flags(&["--eval-rerank"]).overrides()).unwrap().run.eval_rerank);
+    let file = PartialConfig::from_toml("[run]\neval_rerank = true\n", "my.toml").unwrap();
+    assert!(TrainConfig::resolve(&file, &none).unwrap().run.eval_rerank);
+    // Without the flag a file's setting stands; a configuration saved before the key existed means false.
+    assert!(TrainConfig::resolve(&file, &flags(&[]).overrides()).unwrap().run.eval_rerank);
+    let old: String = q.to_toml().unwrap().lines().filter(|l| !l.starts_with("eval_rerank")).map(|l| format!("{l}\n")).collect();
+    assert_eq!(TrainConfig::from_toml(&old, "old").unwrap(), q);
+}
+
+#[test]
 fn precision_from_flag_file_saved_config_and_resume() {
     let none = PartialConfig::default();
     let q = TrainConfig::resolve(&none, &none).unwrap();
@@ -308,9 +322,13 @@ fn training_on_synthetic_data_raises_map_and_eval_command_agrees() {
     cfg.run.eval_freq = 0;
     cfg.run.save_freq = 0;
     cfg.run.eval_before_training = true;
+    cfg.run.eval_rerank = true;
     let mut t = quiet(Trainer::new(cfg, None).unwrap());
     let summary = t.run().unwrap();
+    // Every evaluation was also re-ranked (the eval command below checks the plain figures).
+    let reranked = summary.after.as_ref().unwrap().metrics_reranked.clone().expect("run.eval_rerank re-ranks");
     let (before, after) = (summary.before.unwrap().metrics, summary.after.unwrap().metrics);
+    assert_ne!(reranked, after);
     println!("mAP {:.3} -> {:.3}, rank-1 {:.3} -> {:.3}", before.map, after.map, before.rank1, after.rank1);
     assert!(
         after.map > before.map + 0.25 && after.rank1 > before.rank1 + 0.25,
@@ -364,6 +382,7 @@ fn training_on_synthetic_data_raises_map_and_eval_command_agrees() {
         std::fs::read_to_string(dir.join("out/log.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let count = |name: &str| events.iter().filter(|e| e["event"] == name).count();
     assert_eq!((count("start"), count("epoch"), count("eval"), count("checkpoint"), count("end")), (1, 25, 2, 1, 1));
+    assert!(events.iter().filter(|e| e["event"] == "eval").all(|e| e["report"]["metrics_reranked"]["map"].is_f64()));
     assert!(dir.join("out/eval.json").is_file());
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -61,6 +61,9 @@ pub struct TrainArgs {
     /// Save a checkpoint every N epochs (0: only at the end).
     #[arg(long)]
     pub save_freq: Option<usize>,
+    /// Report every evaluation with k-reciprocal re-ranking too (as `eval --rerank`).
+    #[arg(long)]
+    pub eval_rerank: bool,
     /// OSNet ImageNet weights (safetensors) for the backbone.
     #[arg(long)]
     pub init_osnet: Option<PathBuf>,
@@ -115,6 +118,7 @@ impl TrainArgs {
         p.run.precision = self.precision.map(|p| p.name().to_string());
         p.run.eval_freq = self.eval_freq;
         p.run.save_freq = self.save_freq;
+        p.run.eval_rerank = self.eval_rerank.then_some(true);
         p
     }
 

@@ -132,6 +132,10 @@ section!(
         save_freq: usize,
         /// Evaluate the untrained model before the first epoch.
         eval_before_training: bool,
+        /// Report every evaluation with k-reciprocal re-ranking too (k1 20, k2 6, lambda 0.3).
+        /// Configurations written before it existed mean false.
+        #[serde(default)]
+        eval_rerank: bool,
     }
 );
 
@@ -246,6 +250,7 @@ impl TrainConfig {
                 eval_freq: 10,
                 save_freq: 10,
                 eval_before_training: false,
+                eval_rerank: false,
             },
             synth: SynthSettings { ids: 60, cameras: 4, images_per_id: 12 },
         }

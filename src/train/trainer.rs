@@ -20,6 +20,7 @@ use crate::data::sampler::RandomIdentitySampler;
 use crate::data::synth::{generate, SynthConfig};
 use crate::data::transforms::{Augment, RandomErasing};
 use crate::error::{Error, Result};
+use crate::eval::RerankConfig;
 use crate::io::weights::init_plr_from_osnet;
 use crate::log::JsonLog;
 use crate::models::{channels_for_width, PlrConfig, PlrLoss, PlrLossConfig, PlrOsnet};
@@ -545,7 +546,8 @@ impl Trainer {
     pub fn evaluate(&mut self) -> Result<EvalReport> {
         let name = super::config::dataset_name(self.dataset.kind);
         let run = FeatureRun { batch: self.cfg.data.test_batch, device: self.device, precision: self.cfg.precision()? };
-        let report = evaluate_model(&self.model, &mut self.store, name, &self.query, &self.gallery, run, None)?;
+        let rerank = self.cfg.run.eval_rerank.then(RerankConfig::default);
+        let report = evaluate_model(&self.model, &mut self.store, name, &self.query, &self.gallery, run, rerank)?;
         if self.verbose {
             println!("evaluation after epoch {}:\n{}", self.epoch, report.table());
         }
