@@ -4,16 +4,19 @@
 // torch.optim.Adam (coupled L2, amsgrad off), as torch computes it: g = grad + wd p;
 // m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; p -= step_size * m / (sqrt(v) / bc2_sqrt + eps) with
 // step_size = lr / (1 - b1^t) and bc2_sqrt = sqrt(1 - b2^t) computed on the host.
+__device__ __forceinline__ void adam_element(float* p, const float* grad, float* m, float* v, int i, float b1, float b2, float eps,
+                                             float wd, float step_size, float bc2_sqrt) {
+    const float g = grad[i] + wd * p[i];
+    const float mi = b1 * m[i] + (1.0f - b1) * g;
+    const float vi = b2 * v[i] + (1.0f - b2) * g * g;
+    m[i] = mi;
+    v[i] = vi;
+    p[i] -= step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
+}
+
 extern "C" __global__ void adam_update(float* p, const float* grad, float* m, float* v, int n, float b1, float b2, float eps,
                                        float wd, float step_size, float bc2_sqrt) {
-    GRID_STRIDE(i, n) {
-        const float g = grad[i] + wd * p[i];
-        const float mi = b1 * m[i] + (1.0f - b1) * g;
-        const float vi = b2 * v[i] + (1.0f - b2) * g * g;
-        m[i] = mi;
-        v[i] = vi;
-        p[i] -= step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
-    }
+    GRID_STRIDE(i, n) { adam_element(p, grad, m, v, i, b1, b2, eps, wd, step_size, bc2_sqrt); }
 }
 
 // Tensors of one multi-tensor launch, passed by value (TensorTable in src/cuda/mod.rs): row t has
@@ -27,21 +30,12 @@ struct TensorTable {
 
 // adam_update on every tensor of the table (rows: param, grad, m, v). step_size and bc2_sqrt are
 // read from device memory (hyper[0], hyper[1]) so that a captured graph picks up each step's
-// learning rate and bias corrections; same arithmetic as adam_update.
+// learning rate and bias corrections.
 extern "C" __global__ void adam_multi(TensorTable t, const float* hyper, float b1, float b2, float eps, float wd) {
     const float step_size = hyper[0], bc2_sqrt = hyper[1];
     for (int r = 0; r < t.count; ++r) {
-        float* p = t.ptr[0][r];
-        const float* grad = t.ptr[1][r];
-        float* m = t.ptr[2][r];
-        float* v = t.ptr[3][r];
         GRID_STRIDE(i, t.len[r]) {
-            const float g = grad[i] + wd * p[i];
-            const float mi = b1 * m[i] + (1.0f - b1) * g;
-            const float vi = b2 * v[i] + (1.0f - b2) * g * g;
-            m[i] = mi;
-            v[i] = vi;
-            p[i] -= step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
+            adam_element(t.ptr[0][r], t.ptr[1][r], t.ptr[2][r], t.ptr[3][r], i, b1, b2, eps, wd, step_size, bc2_sqrt);
         }
     }
 }
