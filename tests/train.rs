@@ -57,6 +57,25 @@ fn tiny_config(root: &Path, out: &Path) -> TrainConfig {
     c
 }
 
+/// The end-to-end learning run: a synthetic dataset under `dir/data` with 40 training identities x
+/// 10 images, 25 epochs of 10 iterations, evaluated before training and at the end, writing to
+/// `dir/out`. A model trained from scratch needs a few hundred iterations (60, with 20 identities,
+/// left it at chance level).
+fn learning_config(dir: &Path) -> TrainConfig {
+    synth(&dir.join("data"), 80, 10, 1);
+    let mut cfg = tiny_config(&dir.join("data"), &dir.join("out"));
+    cfg.data.batch_ids = 8;
+    cfg.data.instances = 4;
+    cfg.optim.epochs = 25;
+    cfg.optim.warmup_epochs = 3;
+    cfg.optim.milestones = vec![16];
+    cfg.run.seed = 1;
+    cfg.run.eval_freq = 0;
+    cfg.run.save_freq = 0;
+    cfg.run.eval_before_training = true;
+    cfg
+}
+
 fn quiet(mut t: Trainer) -> Trainer {
     t.verbose = false;
     t
@@ -309,19 +328,7 @@ fn nan_loss_stops_with_epoch_and_iteration_and_keeps_the_checkpoint() {
 #[test]
 fn training_on_synthetic_data_raises_map_and_eval_command_agrees() {
     let dir = temp_dir("e2e");
-    // 40 training identities x 10 images, 25 epochs of 10 iterations: a model trained from scratch
-    // needs a few hundred iterations (60, with 20 identities, left it at chance level).
-    synth(&dir.join("data"), 80, 10, 1);
-    let mut cfg = tiny_config(&dir.join("data"), &dir.join("out"));
-    cfg.data.batch_ids = 8;
-    cfg.data.instances = 4;
-    cfg.optim.epochs = 25;
-    cfg.optim.warmup_epochs = 3;
-    cfg.optim.milestones = vec![16];
-    cfg.run.seed = 1;
-    cfg.run.eval_freq = 0;
-    cfg.run.save_freq = 0;
-    cfg.run.eval_before_training = true;
+    let mut cfg = learning_config(&dir);
     cfg.run.eval_rerank = true;
     let mut t = quiet(Trainer::new(cfg, None).unwrap());
     let summary = t.run().unwrap();
@@ -546,7 +553,7 @@ fn init_osnet_copies_the_backbone_or_names_the_mismatch() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-/// A bf16 run of the end-to-end configuration above: it learns (the f32 run's bar), keeps f32
+/// A bf16 run of `learning_config`: it learns (the f32 run's bar), keeps f32
 /// master weights and records its precision. Its mAP is not compared with the f32 run's here:
 /// at this size the seed alone moves the final mAP by several points (f32, seeds 1 and 2 at 50
 /// epochs: 79.4% and 75.0%), so a one-point comparison would only measure noise; the quick start
@@ -554,16 +561,7 @@ fn init_osnet_copies_the_backbone_or_names_the_mismatch() {
 #[test]
 fn bf16_training_learns_and_keeps_f32_master_weights() {
     let dir = temp_dir("bf16");
-    synth(&dir.join("data"), 80, 10, 1);
-    let mut cfg = tiny_config(&dir.join("data"), &dir.join("out"));
-    cfg.data.batch_ids = 8;
-    cfg.data.instances = 4;
-    cfg.optim.epochs = 25;
-    cfg.optim.warmup_epochs = 3;
-    cfg.optim.milestones = vec![16];
-    cfg.run.seed = 1;
-    cfg.run.save_freq = 0;
-    cfg.run.eval_before_training = true;
+    let mut cfg = learning_config(&dir);
     cfg.run.precision = "bf16".into();
     let mut t = quiet(Trainer::new(cfg, None).unwrap());
     assert!(t.describe().ends_with("bf16"), "{}", t.describe());
