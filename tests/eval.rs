@@ -209,8 +209,9 @@ fn rerank_matches_the_reference() {
             let (qp, gp): (Vec<usize>, Vec<usize>) = (ids(&f, "q_pids"), ids(&f, "g_pids"));
             // One camera for the queries, another for the gallery: every gallery item counts.
             let (qc, gc) = (vec![0; nq], vec![1; ng]);
-            let m = evaluate_reranked(&on(&qf), &on(&gf), &qp, &qc, &gp, &gc, cfg).unwrap();
+            let (plain_too, m) = evaluate_reranked(&on(&qf), &on(&gf), &qp, &qc, &gp, &gc, cfg).unwrap();
             let plain = evaluate(&on(&qf), &on(&gf), &qp, &qc, &gp, &gc).unwrap();
+            assert_eq!(plain_too, plain, "the plain metrics beside the re-ranked ones");
             println!("k1 {k1} k2 {k2} lambda {lambda} on {device}: distances within {err:.1e}; mAP {:.4} (plain {:.4})", m.map, plain.map);
             assert_eq!(m, evaluate_distances(&want, &qp, &qc, &gp, &gc).unwrap(), "metrics from re-ranked distances");
             assert_ne!(m, plain, "re-ranking changed nothing");

@@ -152,10 +152,11 @@ fn dots_to_squared_distances(mut dots: Vec<f32>, qn: &[f32], gn: &[f32]) -> Vec<
 /// Evaluates query features [nq, D] against gallery features [ng, D]. Distances are computed in
 /// blocks of queries so memory stays bounded for large galleries.
 pub fn evaluate(qf: &Tensor, gf: &Tensor, q_pids: &[usize], q_camids: &[usize], g_pids: &[usize], g_camids: &[usize]) -> Result<Metrics> {
-    evaluate_blocked(qf, gf, Ids { q_pids, q_camids, g_pids, g_camids }, None, BLOCK_VALUES)
+    Ok(evaluate_blocked(qf, gf, Ids { q_pids, q_camids, g_pids, g_camids }, None, BLOCK_VALUES)?.0)
 }
 
-/// `evaluate` on k-reciprocal re-ranked distances (see `rerank`).
+/// `evaluate`, and the same on k-reciprocal re-ranked distances (see `rerank`): (plain,
+/// re-ranked), from one pass over the query x gallery distances.
 pub fn evaluate_reranked(
     qf: &Tensor,
     gf: &Tensor,
@@ -164,8 +165,9 @@ pub fn evaluate_reranked(
     g_pids: &[usize],
     g_camids: &[usize],
     cfg: RerankConfig,
-) -> Result<Metrics> {
-    evaluate_blocked(qf, gf, Ids { q_pids, q_camids, g_pids, g_camids }, Some(cfg), BLOCK_VALUES)
+) -> Result<(Metrics, Metrics)> {
+    let (plain, reranked) = evaluate_blocked(qf, gf, Ids { q_pids, q_camids, g_pids, g_camids }, Some(cfg), BLOCK_VALUES)?;
+    Ok((plain, reranked.expect("re-ranking was asked for")))
 }
 
 /// Person and camera ids of the query and the gallery items.
@@ -177,7 +179,14 @@ struct Ids<'a> {
     g_camids: &'a [usize],
 }
 
-fn evaluate_blocked(qf: &Tensor, gf: &Tensor, ids: Ids, rerank: Option<RerankConfig>, block_values: usize) -> Result<Metrics> {
+/// The metrics, and with `rerank` the metrics after re-ranking the same distance blocks.
+fn evaluate_blocked(
+    qf: &Tensor,
+    gf: &Tensor,
+    ids: Ids,
+    rerank: Option<RerankConfig>,
+    block_values: usize,
+) -> Result<(Metrics, Option<Metrics>)> {
     let Ids { q_pids, q_camids, g_pids, g_camids } = ids;
     let (nq, d) = qf.dims2("evaluate (query features)")?;
     let (ng, dg) = gf.dims2("evaluate (gallery features)")?;
@@ -197,20 +206,25 @@ fn evaluate_blocked(qf: &Tensor, gf: &Tensor, ids: Ids, rerank: Option<RerankCon
     let (qn, gn) = (row_norms(q, d), row_norms(g_host.cpu_slice()?, d));
     let g3 = gf.reshape(&[1, ng, d])?;
     let rows = (block_values / ng).max(1);
-    let mut results = Vec::with_capacity(nq);
+    let score = |dist: &[f32], start: usize, results: &mut Vec<Option<QueryResult>>| {
+        results.par_extend(
+            dist.par_chunks(ng).enumerate().map(|(i, row)| eval_query(row, q_pids[start + i], q_camids[start + i], g_pids, g_camids)),
+        )
+    };
+    let (mut plain, mut reranked) = (Vec::with_capacity(nq), Vec::new());
     for start in (0..nq).step_by(rows) {
         let end = (start + rows).min(nq);
         let q3 = Tensor::from_vec(q[start * d..end * d].to_vec(), &[1, end - start, d])?.to_device(device)?;
         let dots = bmm(&q3, &g3, false, true)?.to_vec()?;
         let mut dist = dots_to_squared_distances(dots, &qn[start..end], &gn);
+        score(&dist, start, &mut plain);
         if let Some(r) = &reranker {
             r.apply(start, &mut dist);
+            score(&dist, start, &mut reranked);
         }
-        results.par_extend(
-            dist.par_chunks(ng).enumerate().map(|(i, row)| eval_query(row, q_pids[start + i], q_camids[start + i], g_pids, g_camids)),
-        );
     }
-    Metrics::from_queries(&results, ng)
+    let reranked = if reranker.is_some() { Some(Metrics::from_queries(&reranked, ng)?) } else { None };
+    Ok((Metrics::from_queries(&plain, ng)?, reranked))
 }
 
 impl std::fmt::Display for Metrics {
@@ -241,13 +255,14 @@ mod tests {
         let (qp, qc, gp, gc) = (ids(nq, 6, &mut rng), ids(nq, 3, &mut rng), ids(ng, 6, &mut rng), ids(ng, 3, &mut rng));
         let whole = evaluate(&q, &g, &qp, &qc, &gp, &gc).unwrap();
         let cfg = RerankConfig { k1: 8, k2: 3, lambda: 0.3 };
-        let reranked = evaluate_reranked(&q, &g, &qp, &qc, &gp, &gc, cfg).unwrap();
+        let (plain, reranked) = evaluate_reranked(&q, &g, &qp, &qc, &gp, &gc, cfg).unwrap();
+        assert_eq!(plain, whole);
         assert_ne!(reranked, whole);
         // 2 query rows per block (12 blocks, the last one partial), and 1 row per block.
         let ids = Ids { q_pids: &qp, q_camids: &qc, g_pids: &gp, g_camids: &gc };
         for block in [2 * ng, 1] {
-            assert_eq!(evaluate_blocked(&q, &g, ids, None, block).unwrap(), whole);
-            assert_eq!(evaluate_blocked(&q, &g, ids, Some(cfg), block).unwrap(), reranked);
+            assert_eq!(evaluate_blocked(&q, &g, ids, None, block).unwrap(), (whole.clone(), None));
+            assert_eq!(evaluate_blocked(&q, &g, ids, Some(cfg), block).unwrap(), (whole.clone(), Some(reranked.clone())));
         }
     }
 }

@@ -84,8 +84,10 @@ pub fn evaluate_model(
     let (gp, gc) = ids(gallery.samples());
     // Distances on the model's device: the gallery goes up once, query blocks follow.
     let gf = gf.to_device(run.device)?;
-    let metrics = evaluate(&qf, &gf, &qp, &qc, &gp, &gc)?;
-    let metrics_reranked = rerank.map(|cfg| evaluate_reranked(&qf, &gf, &qp, &qc, &gp, &gc, cfg)).transpose()?;
+    let (metrics, metrics_reranked) = match rerank {
+        Some(cfg) => evaluate_reranked(&qf, &gf, &qp, &qc, &gp, &gc, cfg).map(|(m, r)| (m, Some(r)))?,
+        None => (evaluate(&qf, &gf, &qp, &qc, &gp, &gc)?, None),
+    };
     Ok(EvalReport {
         dataset: dataset.to_string(),
         num_query: qp.len(),
